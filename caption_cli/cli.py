@@ -1,0 +1,24 @@
+"""The Typer application. Commands live in caption_cli/commands/, one module per area;
+each module's `register(app)` adds its commands, so the shell stays thin and areas
+can change independently."""
+
+from __future__ import annotations
+
+import typer
+
+from caption_cli.commands import annotate, metadata, report, training
+
+app = typer.Typer(
+    name="caption-cli",
+    help="Caption photo libraries offline with a Show, Attend and Tell model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for area in (annotate, metadata, report, training):
+    area.register(app)
+
+
+def main() -> None:
+    app()
