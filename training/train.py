@@ -1,0 +1,298 @@
+"""Teacher-forced training of the captioner on cached backbone grids.
+
+Runs as a plain process or under `torchrun` (DDP: gloo on CPU, nccl on GPU): every
+rank trains on its shard of the captions, rank 0 validates, saves and decides on
+early stopping, and the decision is broadcast so all ranks stop together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from training.datasets import DataSet, Record
+from training.features import FeatureCache, extract_features
+from training.backbone import spec_for
+from training.metrics import score_captions
+from training.model import ModelConfig, ShowAttendTell, caption_loss, greedy_decode
+from training.vocab import PAD, Vocab
+
+
+@dataclass
+class TrainConfig:
+    # --- data -----------------------------------------------------------------
+    out: str = "runs/default"  # checkpoints and logs go here
+    cache: str = "cache/features"  # backbone feature cache (shared between runs)
+    backbone: str = "efficientnet-lite0"
+    image_size: int = 0  # 0: the backbone's native size
+    min_count: int = 5  # words seen fewer times map to <unk>
+    top_k: int = 0  # 0: no cap on vocabulary size
+    max_length: int = 22  # tokens incl. <start>/<end>; longer captions are cut
+    # --- model ----------------------------------------------------------------
+    encoder_dim: int = 512
+    attention_dim: int = 512
+    hidden_dim: int = 512
+    embed_dim: int = 512
+    dropout: float = 0.5
+    # --- optimisation ---------------------------------------------------------
+    epochs: int = 10
+    batch_size: int = 64  # captions per step, per process
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * this
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.1
+    attention_lambda: float = 1.0  # doubly stochastic regularisation weight
+    patience: int = 3  # epochs without a better validation score before stopping
+    select_metric: str = "CIDEr"  # or "BLEU-4"
+    val_images: int = 0  # 0: all validation images (greedy decoding)
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0: leave torch's default
+    limit_steps: int = 0  # stop after this many steps (tests)
+
+
+def resolve_config(file: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then a JSON file, then flags; an unknown key is an error."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        values.update(json.loads(Path(file).read_text()))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return TrainConfig(**values)
+
+
+# --- distributed helpers -------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def device_for(ctx: Dist) -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+# --- data ----------------------------------------------------------------------
+
+@dataclass
+class EncodedSplit:
+    """Grids of a split held in memory (float16) plus every caption as ids."""
+
+    ids: list[str]  # image ids, row order of `grids`
+    grids: np.ndarray  # float16 [N, L, D]
+    pairs: np.ndarray  # int64 [C, 1 + T]: (image row, token ids padded to T)
+    references: dict[str, list[str]] = field(default_factory=dict)  # raw captions by image id
+
+
+def encode_split(records: Sequence[Record], cache: FeatureCache, vocab: Vocab, max_length: int) -> EncodedSplit:
+    ids = [r.image_id for r in records]
+    rows = []
+    for row, record in enumerate(records):
+        for caption in record.captions:
+            tokens = vocab.encode(caption, max_length - 2)  # words + <start>/<end> fit max_length
+            rows.append([row] + tokens + [PAD] * (max_length - len(tokens)))
+    return EncodedSplit(ids=ids, grids=cache.get(ids).astype(np.float16),
+                        pairs=np.array(rows, dtype=np.int64),
+                        references={r.image_id: list(r.captions) for r in records})
+
+
+def batches(split: EncodedSplit, batch_size: int, epoch: int, seed: int, ctx: Dist) -> Iterator[np.ndarray]:
+    """Shuffled caption batches; each rank takes every world-th batch (same count on every rank)."""
+    order = np.random.default_rng(seed + epoch).permutation(len(split.pairs))
+    usable = len(order) // (batch_size * ctx.world) * batch_size * ctx.world  # equal steps so DDP never hangs
+    for start in range(ctx.rank * batch_size, usable, batch_size * ctx.world):
+        yield split.pairs[order[start:start + batch_size]]
+
+
+def to_tensors(split: EncodedSplit, pairs: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    grid = torch.from_numpy(split.grids[pairs[:, 0]].astype(np.float32)).to(device)  # [B, L, D]
+    tokens = torch.from_numpy(pairs[:, 1:]).to(device)  # [B, T+1]
+    length = int((tokens != 0).sum(dim=1).max())
+    return grid, tokens[:, :length]  # trim trailing padding shared by the whole batch
+
+
+# --- schedule, checkpoints -----------------------------------------------------
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(path: Path, model: ShowAttendTell, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    vocab: Vocab, state: dict[str, Any], dataset: dict[str, Any]) -> None:
+    """State dicts and plain data only, never pickled modules; written atomically."""
+    spec = spec_for(cfg.backbone, cfg.image_size or None)
+    checkpoint = {
+        "model": model.state_dict(),
+        "model_config": model.cfg.to_dict(),
+        "backbone": {"name": spec.name, "image_size": spec.image_size},
+        "vocab": list(vocab.tokens),
+        "train_config": dataclasses.asdict(cfg),
+        "optimizer": optimizer.state_dict(),
+        "dataset": dataset,
+        **state,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+# --- the loop ------------------------------------------------------------------
+
+def evaluate_greedy(model: ShowAttendTell, split: EncodedSplit, vocab: Vocab, device: torch.device,
+                    limit: int = 0, batch_size: int = 100) -> dict[str, float]:
+    """Quick validation scores (greedy, Python-only metrics) used for model selection."""
+    model.eval()
+    n = len(split.ids) if not limit else min(limit, len(split.ids))
+    hyps = {}
+    for start in range(0, n, batch_size):
+        grid = torch.from_numpy(split.grids[start:min(n, start + batch_size)].astype(np.float32)).to(device)
+        for offset, ids in enumerate(greedy_decode(model, grid).tolist()):
+            hyps[split.ids[start + offset]] = vocab.decode(ids)
+    model.train()
+    return score_captions(split.references, hyps, meteor=False, ptb=False)
+
+
+def train(dataset: DataSet, cfg: TrainConfig, resume: bool = False, log=print) -> Path:
+    """Train on dataset's train split, select on val; returns the best checkpoint's path."""
+    ctx = init_distributed()
+    device = device_for(ctx)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_records, val_records = dataset.split("train"), dataset.split("val")
+    if not val_records:
+        raise ValueError("the data set has no validation split; the reader should hold out part of train")
+    spec = spec_for(cfg.backbone, cfg.image_size or None)
+    all_ids = [r.image_id for r in train_records + val_records]
+    if ctx.main:  # one process fills the cache; the others wait at the barrier
+        extract_features(dataset.image_root, all_ids, Path(cfg.cache), spec.name, spec.image_size)
+    if ctx.world > 1:
+        dist.barrier()
+    cache = FeatureCache(Path(cfg.cache), spec, sorted(set(all_ids)))
+
+    vocab = Vocab.build((c for r in train_records for c in r.captions), min_count=cfg.min_count,
+                        top_k=cfg.top_k or None)
+    train_split = encode_split(train_records, cache, vocab, cfg.max_length)
+    val_split = encode_split(val_records, cache, vocab, cfg.max_length)
+    model_cfg = ModelConfig(vocab_size=len(vocab), feature_dim=spec.channels, grid=spec.grid,
+                            encoder_dim=cfg.encoder_dim, attention_dim=cfg.attention_dim,
+                            hidden_dim=cfg.hidden_dim, embed_dim=cfg.embed_dim, dropout=cfg.dropout,
+                            max_length=cfg.max_length)
+    model = ShowAttendTell(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "stale": 0, "history": []}
+    last, best = out / "last.pt", out / "best.pt"
+    if resume and last.exists():
+        checkpoint = torch.load(last, map_location=device, weights_only=False)
+        if tuple(checkpoint["vocab"]) != vocab.tokens:
+            raise ValueError(f"{last} was trained with another vocabulary; resume with the same data and options")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = {k: checkpoint[k] for k in state}
+        log(f"resumed from {last}: epoch {state['epoch']}, step {state['step']}")
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
+    dataset_info = {"name": getattr(dataset, "name", "custom"), "images": len(train_records),
+                    "captions": int(len(train_split.pairs))}
+    steps_per_epoch = len(train_split.pairs) // (cfg.batch_size * ctx.world)
+    total_steps = steps_per_epoch * cfg.epochs
+    if ctx.main:
+        log(f"train {len(train_records)} images / {len(train_split.pairs)} captions, val {len(val_records)} images, "
+            f"vocab {len(vocab)}, grid {spec.grid}, {ctx.world} process(es) on {device}")
+
+    model.train()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, disable=not ctx.main) as progress:
+        while state["epoch"] < cfg.epochs:
+            epoch = state["epoch"]
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="")
+            started, tokens_seen, loss_sum, loss_n = time.time(), 0, 0.0, 0
+            for pairs in batches(train_split, cfg.batch_size, epoch, cfg.seed, ctx):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(state["step"], total_steps, cfg)
+                grid, tokens = to_tensors(train_split, pairs, device)
+                logits, alphas = ddp_model(grid, tokens)
+                loss, n_tokens = caption_loss(logits, alphas, tokens[:, 1:], PAD,
+                                              cfg.attention_lambda, cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # DDP all-reduces gradients here: the ranks' sync point
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                state["step"] += 1
+                tokens_seen += int(n_tokens)
+                loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+                rate = tokens_seen * ctx.world / max(1e-6, time.time() - started)
+                progress.update(task, advance=1, info=f"loss {loss_sum / loss_n:.3f} · {rate:,.0f} tok/s")
+                if cfg.limit_steps and state["step"] >= cfg.limit_steps:
+                    break
+            state["epoch"] += 1
+            stop = torch.zeros(1)
+            if ctx.main:
+                scores = evaluate_greedy(model, val_split, vocab, device, cfg.val_images)
+                score = scores[cfg.select_metric]
+                entry = {"epoch": state["epoch"], "step": state["step"], "train_loss": loss_sum / max(1, loss_n),
+                         "seconds": round(time.time() - started, 1),
+                         **{k: round(v, 4) for k, v in scores.items() if isinstance(v, float)}}
+                state["history"].append(entry)
+                improved = score > state["best_score"]
+                if improved:
+                    state.update(best_score=score, best_epoch=state["epoch"], stale=0)
+                else:
+                    state["stale"] += 1
+                save_checkpoint(last, model, optimizer, cfg, vocab, {**state, "scores": scores}, dataset_info)
+                if improved:
+                    save_checkpoint(best, model, optimizer, cfg, vocab, {**state, "scores": scores}, dataset_info)
+                log(json.dumps(entry))
+                with open(out / "history.jsonl", "a") as fh:
+                    fh.write(json.dumps(entry) + "\n")
+                if state["stale"] >= cfg.patience or (cfg.limit_steps and state["step"] >= cfg.limit_steps):
+                    stop[0] = 1
+            if ctx.world > 1:
+                dist.broadcast(stop, src=0)  # every rank leaves the loop together
+            if stop.item():
+                break
+    if ctx.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return best
