@@ -1,0 +1,224 @@
+"""Write a model bundle (model.json, encoder.onnx, decoder.onnx, vocab.json) from a checkpoint.
+
+The bundle appears all at once: every file is written into a temporary folder next to
+the destination, checked, and only then renamed into place, so a crash or a failed
+parity check never leaves a half-written bundle where the runtime would find it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from caption_cli.errors import CaptionCliError
+from export.onnx_export import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, IR_VERSION,
+                                OPSET, export_decoder, export_encoder)
+from export.parity import ParityError, check_parity, probe_pixels
+from training.backbone import EfficientNetLite, load_backbone
+from training.model import ModelConfig, ShowAttendTell
+
+FORMAT = "caption-cli-bundle"
+FORMAT_VERSION = 1
+FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "vocab": "vocab.json"}
+SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")  # ids 0..3, in this order
+DEFAULT_SEARCH = {"beam_size": 3, "length_penalty": 0.7, "alternatives": 3}
+
+
+class ExportError(CaptionCliError):
+    """A checkpoint cannot be exported (unreadable, incomplete) or the destination is unsafe."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_parts(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Sequence[str]) -> None:
+    cfg, spec = model.cfg, backbone.spec
+    if tuple(cfg.grid) != tuple(spec.grid) or cfg.feature_dim != spec.channels:
+        raise ExportError(f"model expects a {cfg.grid} x {cfg.feature_dim} grid but {spec.name} at "
+                          f"{spec.image_size} px gives {spec.grid} x {spec.channels}")
+    if len(vocab) != cfg.vocab_size:
+        raise ExportError(f"vocabulary has {len(vocab)} tokens but the model scores {cfg.vocab_size}")
+    if tuple(vocab[:4]) != SPECIAL_TOKENS:
+        raise ExportError(f"vocabulary must start with {', '.join(SPECIAL_TOKENS)}, got {', '.join(vocab[:4])}")
+    expected = {"pad": 0, "start": 1, "end": 2, "unk": 3}
+    if dict(cfg.special) != expected:
+        raise ExportError(f"model's special token ids {cfg.special} differ from the bundle's {expected}")
+
+
+def _model_json(model: ShowAttendTell, backbone: EfficientNetLite, folder: Path, *, name: str, max_length: int,
+                search: dict, training: dict, scores: dict) -> dict:
+    cfg, spec = model.cfg, backbone.spec
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "backbone": spec.name,
+        "image_size": spec.image_size,
+        "grid": list(spec.grid),
+        "dims": {"E": cfg.encoder_dim, "A": cfg.attention_dim, "H": cfg.hidden_dim, "V": cfg.vocab_size},
+        "special_tokens": {"pad": 0, "start": 1, "end": 2, "unk": 3},
+        "max_length": max_length,
+        "search": {**DEFAULT_SEARCH, **search},
+        "files": dict(FILES),
+        "tensors": {"encoder": {"inputs": ENCODER_INPUTS, "outputs": ENCODER_OUTPUTS},
+                    "decoder": {"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS}},
+        "onnx": {"opset": OPSET, "ir_version": IR_VERSION},
+        "training": training,
+        "scores": scores,
+        "sha256": {filename: sha256_file(folder / filename) for filename in FILES.values()},
+    }
+
+
+def _replace_dir(ready: Path, out_dir: Path) -> None:
+    """Move `ready` to `out_dir`, replacing an older bundle there (never any other folder)."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ExportError(f"{out_dir}: exists and is not a folder")
+        if any(out_dir.iterdir()) and not (out_dir / "model.json").is_file():
+            raise ExportError(f"{out_dir}: folder is not empty and holds no model bundle; refusing to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+        try:
+            os.replace(ready, out_dir)
+        except OSError:
+            os.replace(old / out_dir.name, out_dir)  # put the old bundle back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(ready, out_dir)
+
+
+def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Sequence[str], out_dir: Path, *,
+                 name: str, max_length: int, search: dict | None = None, training: dict | None = None,
+                 scores: dict | None = None, verify: Callable[[Path], Any] | None = None) -> Path:
+    """Write the bundle to `out_dir` atomically and return its path.
+
+    max_length: most tokens the search may generate per caption, <end> included.
+    verify: called with the finished temporary folder before it is moved into place;
+    raising there (e.g. a failed parity check) leaves `out_dir` as it was.
+    """
+    out_dir = Path(out_dir).absolute()
+    _check_parts(model, backbone, vocab)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the bundle private to its writer
+    try:
+        export_encoder(model, backbone, tmp / FILES["encoder"])
+        export_decoder(model, tmp / FILES["decoder"])
+        (tmp / FILES["vocab"]).write_text(json.dumps(list(vocab), ensure_ascii=False), encoding="utf-8")
+        meta = _model_json(model, backbone, tmp, name=name, max_length=max_length, search=search or {},
+                           training=training or {}, scores=scores or {})
+        text = json.dumps(meta, indent=2, ensure_ascii=False, default=str)  # str(): Paths in a train config
+        (tmp / "model.json").write_text(text + "\n", encoding="utf-8")
+        if verify is not None:
+            verify(tmp)
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    return out_dir
+
+
+REQUIRED_KEYS = ("model", "model_config", "backbone", "vocab")
+
+
+def load_checkpoint(checkpoint: Path) -> dict:
+    """The checkpoint dict, read without unpickling arbitrary objects."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise ExportError(f"{checkpoint}: no such checkpoint file")
+    if not zipfile.is_zipfile(checkpoint):  # torch.save has written zip archives since PyTorch 1.6
+        raise ExportError(f"{checkpoint}: not a readable PyTorch checkpoint (not a torch.save zip archive)")
+    try:
+        data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"a pickled {found.group(1)}" if found else "a pickled object"
+        raise ExportError(f"{checkpoint}: holds objects other than tensors and plain data ({what}); "
+                          "save state_dicts and plain values only") from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{checkpoint}: not a readable PyTorch checkpoint ({first})") from exc
+    if not isinstance(data, dict):
+        raise ExportError(f"{checkpoint}: expected a checkpoint dict, found {type(data).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise ExportError(f"{checkpoint}: checkpoint lacks {', '.join(missing)}")
+    return data
+
+
+def model_from_checkpoint(data: dict, source: Path | str = "checkpoint") -> tuple[ShowAttendTell, EfficientNetLite]:
+    """Rebuild the eval-mode model and its backbone from a loaded checkpoint dict."""
+    try:
+        cfg = ModelConfig.from_dict(data["model_config"])
+        model = ShowAttendTell(cfg)
+        model.load_state_dict(data["model"])
+    except (TypeError, KeyError, RuntimeError) as exc:
+        message = str(exc).strip().splitlines()[0]
+        raise ExportError(f"{source}: model weights do not fit its model_config ({message})") from exc
+    model.eval().requires_grad_(False)
+    try:
+        backbone = load_backbone(data["backbone"]["name"], data["backbone"].get("image_size"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ExportError(f"{source}: bad backbone entry {data['backbone']!r} ({exc})") from exc
+    try:
+        _check_parts(model, backbone, list(data["vocab"]))
+    except ExportError as exc:
+        raise ExportError(f"{source}: {exc}") from None
+    return model, backbone
+
+
+def default_name(data: dict) -> str:
+    """e.g. sat-lite0-flickr8k: architecture, backbone, data set."""
+    backbone = str(data["backbone"]["name"]).removeprefix("efficientnet-")
+    dataset = (data.get("dataset") or {}).get("name", "custom")
+    return f"sat-{backbone}-{dataset}"
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path, *, name: str | None = None, scores: dict | None = None,
+                      check: bool = True) -> Path:
+    """Build a bundle from a training checkpoint; with `check`, refuse one that fails parity.
+
+    Raises ExportError for an unusable checkpoint or destination, ParityError when the
+    ONNX graphs disagree with PyTorch (out_dir is then left untouched).
+    """
+    checkpoint = Path(checkpoint)
+    data = load_checkpoint(checkpoint)
+    model, backbone = model_from_checkpoint(data, checkpoint)
+    dataset = data.get("dataset") or {}
+    training = {
+        "dataset": dataset.get("name"), "split": dataset.get("split", "train"),
+        "images": dataset.get("images"), "captions": dataset.get("captions"),
+        "epochs": data.get("epoch"), "step": data.get("step"), "config": data.get("train_config") or {},
+    }
+
+    def verify(folder: Path) -> None:
+        report = check_parity(model, backbone, folder, probe_pixels(backbone.spec.image_size))
+        if not report.ok:
+            raise ParityError(f"{checkpoint}: ONNX export disagrees with PyTorch; {report.summary()}")
+
+    return write_bundle(
+        model, backbone, list(data["vocab"]), out_dir, name=name or default_name(data),
+        max_length=model.cfg.max_length - 1,  # cfg counts <start>; the search generates the rest
+        training=training, scores=scores if scores is not None else data.get("scores"),
+        verify=verify if check else None,
+    )

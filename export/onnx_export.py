@@ -1,0 +1,138 @@
+"""Turn a trained ShowAttendTell + backbone into the bundle's two ONNX graphs.
+
+encoder.onnx: uint8 pixels [N, S, S, 3] -> features [N, L, E], keys [N, L, A], hidden0 [N, H]
+decoder.onnx: ONE step, token [B], hidden [B, H], features [B, L, E], keys [B, L, A]
+              -> logprobs [B, V] (log-softmax), hidden_out [B, H], attention [B, L]
+The runtime drives the decoder step by step (beam search), so the graphs hold no loop.
+Both are written at opset 17 and IR version 8: onnxruntime 1.17, the oldest runtime
+pyproject allows, loads up to IR 9 / opset 20, and 17 is the newest opset the
+TorchScript exporter covers fully (LayerNorm is a single node from 17 on).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.backbone import EfficientNetLite
+from training.features import PixelsToGrid
+from training.model import ShowAttendTell
+
+OPSET = 17
+IR_VERSION = 8
+ENCODER_INPUTS = ["pixels"]
+ENCODER_OUTPUTS = ["features", "keys", "hidden0"]
+DECODER_INPUTS = ["token", "hidden", "features", "keys"]
+DECODER_OUTPUTS = ["logprobs", "hidden_out", "attention"]
+
+
+class EncoderGraph(nn.Module):
+    """What encoder.onnx computes: pixels -> backbone grid -> per-image decoder inputs."""
+
+    def __init__(self, model: ShowAttendTell, backbone: EfficientNetLite) -> None:
+        super().__init__()
+        self.grid = PixelsToGrid(backbone)
+        self.encoder = model.encoder
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grid = self.grid(pixels)  # [N, L, D]
+        return self.encoder(grid)  # [N, L, E], [N, L, A], [N, H]
+
+
+class DecoderGraph(nn.Module):
+    """What decoder.onnx computes: one step, with log-softmax so beams add scores directly."""
+
+    def __init__(self, model: ShowAttendTell) -> None:
+        super().__init__()
+        self.step = model.step
+
+    def forward(self, token: torch.Tensor, hidden: torch.Tensor, features: torch.Tensor,
+                keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, hidden, alpha = self.step(token, hidden, features, keys)  # [B, V], [B, H], [B, L]
+        return F.log_softmax(logits, dim=1), hidden, alpha
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """An eval-mode deep copy: tracing never touches (or leaves state on) the caller's module."""
+    clone = copy.deepcopy(module).eval()
+    clone.requires_grad_(False)
+    return clone
+
+
+@contextmanager
+def _quiet_trace() -> Iterator[None]:
+    """Silence the tracer's expected notes (S is a constant per bundle by design)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")
+        # the TorchScript exporter is chosen on purpose (verified parity, opset 17); its
+        # deprecation notes would only repeat on every export
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", message="The feature will be removed")
+        yield
+
+
+def _finish(path: Path, shapes: dict[str, list[int | str]]) -> None:
+    """Name every output dimension, pin the IR version old runtimes accept, run onnx's checker.
+
+    The tracer leaves L as an anonymous symbol after the grid's reshape; writing the
+    real shapes makes the file self-describing for anyone who opens it in Netron.
+    """
+    import onnx
+
+    proto = onnx.load(str(path))
+    proto.ir_version = IR_VERSION
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(dims, shapes[value.name], strict=True):
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def export_encoder(model: ShowAttendTell, backbone: EfficientNetLite, path: Path) -> Path:
+    """Write encoder.onnx; dynamic N, fixed S (the backbone's 'SAME' padding is baked in)."""
+    graph = _frozen_copy(EncoderGraph(model, backbone))
+    cfg, size = model.cfg, backbone.spec.image_size
+    L = cfg.grid[0] * cfg.grid[1]
+    dummy = torch.zeros(2, size, size, 3, dtype=torch.uint8)  # pixels [N, S, S, 3]
+    axes = {"pixels": {0: "N"}, "features": {0: "N"}, "keys": {0: "N"}, "hidden0": {0: "N"}}
+    with torch.no_grad(), _quiet_trace():
+        torch.onnx.export(graph, (dummy,), str(path), input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS,
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    _finish(path, {"pixels": ["N", size, size, 3], "features": ["N", L, cfg.encoder_dim],
+                   "keys": ["N", L, cfg.attention_dim], "hidden0": ["N", cfg.hidden_dim]})
+    return path
+
+
+def export_decoder(model: ShowAttendTell, path: Path) -> Path:
+    """Write decoder.onnx: one step, dynamic B (images x beams)."""
+    graph = _frozen_copy(DecoderGraph(model))
+    cfg = model.cfg
+    L = cfg.grid[0] * cfg.grid[1]
+    B = 3  # an odd size in the trace, so no dimension can be mistaken for a constant 1
+    dummy = (
+        torch.full((B,), cfg.special["start"], dtype=torch.long),  # token [B]
+        torch.zeros(B, cfg.hidden_dim),  # hidden [B, H]
+        torch.zeros(B, L, cfg.encoder_dim),  # features [B, L, E]
+        torch.zeros(B, L, cfg.attention_dim),  # keys [B, L, A]
+    )
+    axes = {name: {0: "B"} for name in DECODER_INPUTS + DECODER_OUTPUTS}
+    with torch.no_grad(), _quiet_trace():
+        torch.onnx.export(graph, dummy, str(path), input_names=DECODER_INPUTS, output_names=DECODER_OUTPUTS,
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    _finish(path, {"token": ["B"], "hidden": ["B", cfg.hidden_dim], "features": ["B", L, cfg.encoder_dim],
+                   "keys": ["B", L, cfg.attention_dim], "logprobs": ["B", cfg.vocab_size],
+                   "hidden_out": ["B", cfg.hidden_dim], "attention": ["B", L]})
+    return path
