@@ -261,9 +261,11 @@ def train(dataset: DataSet, cfg: TrainConfig, resume: bool = False, log=print) -
                 optimizer.step()
                 state["step"] += 1
                 tokens_seen += int(n_tokens)
-                loss_sum, loss_n = loss_sum + float(loss), loss_n + 1
+                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
                 rate = tokens_seen * ctx.world / max(1e-6, time.time() - started)
                 progress.update(task, advance=1, info=f"loss {loss_sum / loss_n:.3f} · {rate:,.0f} tok/s")
+                if ctx.main and not progress.console.is_terminal and state["step"] % 100 == 0:
+                    log(f"step {state['step']} loss {loss_sum / loss_n:.3f} {rate:,.0f} tok/s")  # logs have no bar
                 if cfg.limit_steps and state["step"] >= cfg.limit_steps:
                     break
             state["epoch"] += 1

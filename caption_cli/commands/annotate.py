@@ -1,7 +1,482 @@
-"""CLI commands: annotate (see register)."""
+"""CLI commands: annotate, search, show, info.
+
+A thin shell: check options and paths before any model loads, call one library
+function, print. The runtime is imported inside functions so `--help` stays fast and
+nothing loads onnxruntime until it is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import ExitStack
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from caption_cli.errors import BundleError, CaptionCliError
+from caption_cli.results import CaptionResult
+from caption_cli.store import DB_ENV, DEFAULT_DB
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class MetadataMode(str, Enum):
+    sidecar = "sidecar"
+    in_place = "in-place"
+
+
+# Options shared by several commands, defined once.
+DbOption = Annotated[
+    Path,
+    typer.Option(
+        "--db",
+        envvar=DB_ENV,
+        dir_okay=False,
+        help="Caption database (SQLite).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+ModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        exists=True,
+        file_okay=False,
+        help="Model bundle folder (default: the bundle shipped with caption-cli).",
+    ),
+]
+DeviceOption = Annotated[
+    Device, typer.Option("--device", help="Where the model runs; auto picks CUDA when it works.")
+]
+
+
+def load_captioner(
+    model: Path | None, device: str, beam: int | None = None, alternatives: int | None = None
+) -> Any:
+    """Build the runtime Captioner: the one seam tests replace with a fake.
+
+    Beam width and number of alternatives left as None take the bundle's model.json.
+    """
+    from caption_cli.beam import SearchOptions
+    from caption_cli.bundle import load_bundle
+    from caption_cli.captioner import Captioner
+
+    options = SearchOptions(beam_size=beam, alternatives=alternatives)
+    return Captioner(load_bundle(model), device=device, options=options)
+
+
+def _captioner_or_exit(
+    model: Path | None, device: Device, beam: int | None, alternatives: int | None
+) -> Any:
+    from caption_cli.beam import SearchOptionsError
+
+    try:
+        return load_captioner(model, device.value, beam, alternatives)
+    except SearchOptionsError as exc:  # e.g. --alternatives above the bundle's beam
+        raise typer.BadParameter(str(exc), param_hint="--beam/--alternatives") from exc
+    except BundleError as exc:
+        if model is not None:
+            raise typer.BadParameter(str(exc), param_hint="--model") from exc
+        _fail(str(exc))
+    except CaptionCliError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _open_store(db: Path) -> Any:
+    from caption_cli.store import Store
+
+    try:
+        return Store(db)
+    except CaptionCliError as exc:
+        _fail(str(exc))
+
+
+def _existing_store(db: Path) -> Any:
+    """Open a database that must already exist (search, show)."""
+    if not db.is_file():
+        raise typer.BadParameter(
+            f"no caption database at {db} (run caption-cli annotate first)", param_hint="--db"
+        )
+    return _open_store(db)
+
+
+# ------------------------------------------------------------------------ annotate
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} images/s" if speed else "-- images/s")
+
+
+class _Reporter:
+    """Everything annotate prints: error lines, --json rows, the progress bar."""
+
+    def __init__(self, as_json: bool, show_progress: bool, total: int | None) -> None:
+        self.as_json = as_json
+        self.console = Console(stderr=True)
+        self.progress: Progress | None = None
+        if show_progress:
+            self.progress = Progress(
+                TextColumn("captioning"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                _RateColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.task = self.progress.add_task("annotate", total=total)
+
+    def __enter__(self) -> _Reporter:
+        if self.progress:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.progress:
+            self.progress.stop()
+
+    def _err(self, line: str) -> None:
+        if self.progress:
+            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        else:
+            typer.echo(line, err=True)
+
+    def _json(self, row: dict) -> None:
+        typer.echo(json.dumps(row, ensure_ascii=False))
+
+    def _advance(self) -> None:
+        if self.progress:
+            self.progress.advance(self.task)
+
+    def result(self, result: CaptionResult) -> None:
+        if result.status == "error":
+            self._err(f"{result.path}: {result.error}")
+        if self.as_json:
+            caption = result.caption
+            self._json(
+                {
+                    "path": str(result.path),
+                    "status": result.status,
+                    "caption": caption.text if caption else None,
+                    "score": caption.score if caption else None,
+                    "error": result.error,
+                    "width": result.width,
+                    "height": result.height,
+                    "alternatives": [
+                        {"caption": a.caption, "score": a.score} for a in caption.alternatives
+                    ]
+                    if caption
+                    else [],
+                }
+            )
+        self._advance()
+
+    def skipped(self, path: Path) -> None:
+        if self.as_json:
+            self._json({"path": str(path), "status": "skipped", "caption": None, "score": None, "error": None})
+        self._advance()
+
+    def metadata(self, outcome: Any) -> None:
+        if outcome.status == "error":
+            self._err(f"{outcome.path}: metadata not written: {outcome.message}")
+
+
+def annotate(
+    paths: Annotated[
+        list[Path], typer.Argument(exists=True, help="Photo folders or files.", show_default=False)
+    ],
+    db: DbOption = DEFAULT_DB,
+    model: ModelOption = None,
+    device: DeviceOption = Device.auto,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")] = 16,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=0, help="Decoder processes (0: in this process; default: cores - 1, at most 4)."
+        ),
+    ] = None,
+    beam: Annotated[
+        int | None, typer.Option("--beam", min=1, help="Beam width (default: the bundle's).")
+    ] = None,
+    alternatives: Annotated[
+        int | None,
+        typer.Option("--alternatives", min=1, help="Ranked captions kept per image (<= beam)."),
+    ] = None,
+    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Walk sub-folders.")] = True,
+    include_hidden: Annotated[
+        bool, typer.Option("--include-hidden", help="Also walk hidden files and folders.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Caption again what is already stored.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Caption and report, but write nothing.")
+    ] = False,
+    write_metadata: Annotated[
+        MetadataMode | None,
+        typer.Option("--write-metadata", help="Also write captions into photo metadata."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Caption every photo under the given folders into the database.
+
+    Example: caption-cli annotate ~/Pictures --db photos.db --beam 5
+    """
+    from caption_cli.pipeline import AnnotateOptions, default_workers
+    from caption_cli.pipeline import annotate as run_pipeline
+
+    # Everything the user can get wrong is checked before the model loads.
+    if beam is not None and alternatives is not None and alternatives > beam:
+        raise typer.BadParameter(
+            f"--alternatives {alternatives} is more than --beam {beam}; use at most {beam}",
+            param_hint="--alternatives",
+        )
+    if not dry_run and not db.resolve().parent.is_dir():
+        raise typer.BadParameter(f"folder {db.parent} does not exist", param_hint="--db")
+    options = AnnotateOptions(
+        recursive=recursive,
+        include_hidden=include_hidden,
+        batch_size=batch_size,
+        workers=default_workers() if workers is None else workers,
+        force=force,
+    )
+    show_progress = sys.stderr.isatty()
+
+    with ExitStack() as stack:
+        # Cheap failures first (exiftool missing, a broken database), then the model.
+        writer = None
+        if write_metadata is not None:
+            writer = stack.enter_context(_metadata_writer(write_metadata, dry_run))
+        if dry_run:
+            from caption_cli.store import DryRunStore
+
+            store = stack.enter_context(DryRunStore(db))
+        else:
+            store = stack.enter_context(_open_store(db))
+        captioner = _captioner_or_exit(model, device, beam, alternatives)
+        total = _count(paths, options) if show_progress else None
+        reporter = stack.enter_context(_Reporter(as_json, show_progress, total))
+        try:
+            summary = run_pipeline(
+                paths,
+                captioner,
+                store,
+                options,
+                argv=sys.argv,
+                on_result=reporter.result,
+                on_skip=reporter.skipped,
+                metadata_writer=writer,
+                on_metadata=reporter.metadata,
+            )
+        except CaptionCliError as exc:
+            _fail(str(exc))
+
+    line = (
+        f"Captioned {summary.captioned}, skipped {summary.skipped}, failed {summary.failed}"
+        f" in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s) on {captioner.device}"
+    )
+    if write_metadata is not None:
+        line += f"; metadata written {summary.metadata_written}, failed {summary.metadata_failed}"
+    if dry_run:
+        line += " (dry run: nothing was written)"
+    typer.echo(line + ".", err=as_json)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _metadata_writer(mode: MetadataMode, dry_run: bool) -> Any:
+    """An open MetadataWriter (exiftool started), or a usage error saying what is missing."""
+    try:
+        from caption_cli.metadata import MetadataWriter
+    except ImportError as exc:
+        raise typer.BadParameter(
+            f"metadata writing is not available ({exc})", param_hint="--write-metadata"
+        ) from exc
+    writer = MetadataWriter(mode=mode.value, dry_run=dry_run)
+    try:
+        return writer.open()
+    except CaptionCliError as exc:
+        _fail(str(exc))
+
+
+def _count(paths: list[Path], options: Any) -> int:
+    """Files to expect, for the progress bar's ETA (a quick second walk)."""
+    from caption_cli.images import walk
+
+    return sum(1 for _ in walk(paths, options.recursive, options.include_hidden))
+
+
+# -------------------------------------------------------------------------- search
+
+
+def search(
+    query: Annotated[str, typer.Argument(help="Words to look for in captions.")],
+    db: DbOption = DEFAULT_DB,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Most results to show.")] = 20,
+    as_json: JsonOption = False,
+) -> None:
+    """Full-text search over the stored captions, best match first.
+
+    Example: caption-cli search "dog on a beach" --limit 5
+    """
+    if not query.strip():
+        raise typer.BadParameter("the query is empty", param_hint="QUERY")
+    store = _existing_store(db)
+    with store:
+        try:
+            rows = store.search(query, limit=limit)
+        except CaptionCliError as exc:
+            _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    if not rows:
+        typer.echo(f"No caption matches {query!r}.", err=True)
+    for row in rows:
+        typer.echo(f"{row['path']}\t{row['caption']}\t{row['score']:.3f}")
+
+
+# ---------------------------------------------------------------------------- show
+
+
+def show(
+    path: Annotated[Path, typer.Argument(help="A photo that was annotated.", show_default=False)],
+    db: DbOption = DEFAULT_DB,
+    heatmap: Annotated[
+        Path | None,
+        typer.Option("--heatmap", dir_okay=False, help="Write a PNG of each word's attention."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one photo's caption, ranked alternatives and scores.
+
+    Example: caption-cli show ~/Pictures/beach.jpg --heatmap beach-attention.png
+    """
+    if heatmap is not None and not heatmap.resolve().parent.is_dir():
+        raise typer.BadParameter(f"folder {heatmap.parent} does not exist", param_hint="--heatmap")
+    store = _existing_store(db)
+    with store:
+        row = store.get_image(os.path.abspath(path))
+        if row is None:
+            _fail(f"{path}: not in {db} (run caption-cli annotate on it first)")
+        alternatives = store.alternatives(row["id"])
+        attention = store.attention(row["id"])
+    if heatmap is not None:
+        _write_heatmap(row, attention, heatmap)
+    if as_json:
+        row = {key: value for key, value in row.items() if key != "id"}
+        row["alternatives"] = alternatives
+        row["words"] = [word for word, _ in attention]
+        if heatmap is not None:
+            row["heatmap"] = str(heatmap)
+        typer.echo(json.dumps(row, ensure_ascii=False, indent=2))
+        return
+    typer.echo(row["path"])
+    if row["status"] != "ok":
+        typer.echo(f"  error: {row['error']}")
+        raise typer.Exit(1)
+    typer.echo(f"  caption: {row['caption']}  (score {row['score']:.3f})")
+    typer.echo(f"  model: {row['model_id']}, captioned {row['captioned_at']}, {row['width']}x{row['height']} px")
+    if alternatives:
+        typer.echo("  alternatives:")
+        for alt in alternatives:
+            typer.echo(f"    {alt['rank']}. {alt['caption']}  ({alt['score']:.3f})")
+    if heatmap is not None:
+        typer.echo(f"  attention heat-map: {heatmap}")
+
+
+def _write_heatmap(row: dict, attention: list, out: Path) -> None:
+    import numpy as np
+
+    if row["status"] != "ok" or not attention:
+        _fail(f"{row['path']}: no attention stored, so no heat-map")
+    if not Path(row["path"]).is_file():
+        _fail(f"{row['path']}: the photo is no longer there to draw the heat-map on")
+    from caption_cli.attention import heatmap_png
+
+    words = [word for word, _ in attention]
+    weights = np.stack([grid for _, grid in attention])  # [T, h, w]
+    try:
+        heatmap_png(Path(row["path"]), words, weights, out)
+    except (CaptionCliError, OSError) as exc:
+        _fail(f"{out}: {exc}")
+
+
+# ---------------------------------------------------------------------------- info
+
+
+def info(
+    model: ModelOption = None,
+    device: DeviceOption = Device.auto,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the model bundle, the onnxruntime providers and the device that would run.
+
+    Example: caption-cli info --device cuda --json
+    """
+    import onnxruntime
+
+    captioner = _captioner_or_exit(model, device, None, None)
+    bundle = captioner.bundle
+    meta = getattr(bundle, "meta", {}) or {}
+    data = {
+        "name": bundle.name,
+        "model_id": bundle.model_id,
+        "backbone": meta.get("backbone"),
+        "image_size": bundle.image_size,
+        "grid": list(bundle.grid),
+        "search": meta.get("search", {}),
+        "scores": meta.get("scores", {}),
+        "training": {k: v for k, v in meta.get("training", {}).items() if k != "config"},
+        "providers_available": onnxruntime.get_available_providers(),
+        "providers": list(captioner.providers),
+        "device": captioner.device,
+    }
+    if as_json:
+        typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
+        return
+    typer.echo(f"model:     {data['name']} ({data['model_id']})")
+    typer.echo(f"backbone:  {data['backbone']}, {data['image_size']} px, grid {'x'.join(map(str, data['grid']))}")
+    scores = data["scores"]
+    if scores:
+        shown = ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()
+        )
+        typer.echo(f"scores:    {shown}")
+    typer.echo(f"providers: {', '.join(data['providers_available'])} (available)")
+    typer.echo(f"device:    {data['device']} ({', '.join(data['providers'])})")
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the app."""
+    app.command()(annotate)
+    app.command()(search)
+    app.command()(show)
+    app.command()(info)

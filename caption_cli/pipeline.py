@@ -1,0 +1,291 @@
+"""The annotate flow: walk -> skip finished -> decode in workers -> caption a batch -> store.
+
+Every stage is a generator over the one before, and the only look-ahead is bounded
+(a resume look-up chunk, the decoders' in-flight files, one batch), so memory stays
+flat for any number of photos. A bad file becomes an error row and the run goes on;
+each batch is one database transaction, so a run killed at any point loses at most
+the batch in flight, which the next run captions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from caption_cli.images import DecodedImage, decode_many, walk
+from caption_cli.results import Caption, CaptionResult
+
+
+class CaptionerLike(Protocol):
+    """What the pipeline needs from caption_cli.captioner.Captioner."""
+
+    device: str
+    bundle: Any  # .model_id, .name, .image_size
+
+    def caption(self, pixels: np.ndarray) -> list[Caption]: ...
+
+
+class StoreLike(Protocol):
+    """What the pipeline needs from caption_cli.store.Store (or DryRunStore)."""
+
+    def start_run(self, model_id: str, device: str, argv: Sequence[str]) -> int: ...
+    def finish_run(self, run_id: int, captioned: int, skipped: int, failed: int) -> None: ...
+    def already_done(self, keys: Sequence[tuple], model_id: str) -> set[str]: ...
+    def write_batch(self, results: Sequence[CaptionResult], model_id: str, run_id: int) -> None: ...
+    def update_keys(self, keys: Sequence[tuple]) -> None: ...
+
+
+def default_workers() -> int:
+    """Decoder processes: leave a core for the model, use at most four."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class AnnotateOptions:
+    recursive: bool = True
+    include_hidden: bool = False
+    batch_size: int = 16
+    workers: int = 2  # decoder processes; 0 decodes in this process
+    force: bool = False  # caption again even what the store already has
+    lookup_size: int = 256  # keys per resume query
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 or more, got {self.workers}")
+
+
+@dataclass
+class Summary:
+    captioned: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    metadata_written: int = 0
+    metadata_failed: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.captioned / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Exit code 0 or 1: did every file (and every metadata write) succeed?"""
+        return self.failed == 0 and self.metadata_failed == 0
+
+
+@dataclass(frozen=True)
+class _Key:
+    """A file as found on disk: what resume compares."""
+
+    path: Path
+    size: int
+    mtime: float
+
+
+ResultHandler = Callable[[CaptionResult], None]
+SkipHandler = Callable[[Path], None]
+MetadataHandler = Callable[[Any], None]  # a caption_cli.metadata.MetadataOutcome
+
+
+def annotate(
+    roots: Iterable[Path | str],
+    captioner: CaptionerLike,
+    store: StoreLike,
+    options: AnnotateOptions | None = None,
+    *,
+    argv: Sequence[str] = (),
+    on_result: ResultHandler | None = None,
+    on_skip: SkipHandler | None = None,
+    metadata_writer: Any | None = None,
+    on_metadata: MetadataHandler | None = None,
+) -> Summary:
+    """Caption every image under roots that the store does not already have.
+
+    on_result sees each captioned or failed file (after its batch is stored),
+    on_skip each file skipped as already done. metadata_writer, when given, is an
+    open caption_cli.metadata.MetadataWriter that receives each batch's captions;
+    on_metadata sees its outcomes.
+    """
+    options = options or AnnotateOptions()
+    summary = Summary()
+    started = time.monotonic()
+    model_id = captioner.bundle.model_id
+    run_id = store.start_run(model_id, captioner.device, argv)
+
+    def report(result: CaptionResult) -> None:
+        if result.status == "ok":
+            summary.captioned += 1
+        else:
+            summary.failed += 1
+        if on_result:
+            on_result(result)
+
+    def skipped(path: Path) -> None:
+        summary.skipped += 1
+        if on_skip:
+            on_skip(path)
+
+    def walk_error(path: Path, message: str) -> None:
+        # A folder that cannot be listed: reported and counted, but not a row.
+        report(CaptionResult(path=path, size=0, mtime=0.0, status="error", error=message))
+
+    batcher = _Batcher(captioner, store, model_id, run_id, report, metadata_writer, summary, on_metadata)
+    try:
+        found = walk(roots, options.recursive, options.include_hidden, on_error=walk_error)
+        todo = _unfinished(_keys(found), store, model_id, options, skipped)
+        in_flight: deque[_Key] = deque()  # keys of files the decoders hold, in order
+
+        def paths() -> Iterator[Path]:
+            for key in todo:
+                in_flight.append(key)
+                yield key.path
+
+        size = captioner.bundle.image_size
+        for decoded in decode_many(paths(), size, options.workers):
+            batcher.add(in_flight.popleft(), decoded)
+            if batcher.ready(options.batch_size):
+                batcher.flush()
+        batcher.flush()
+    finally:
+        summary.seconds = time.monotonic() - started
+        store.finish_run(run_id, summary.captioned, summary.skipped, summary.failed)
+    return summary
+
+
+def _keys(paths: Iterable[Path]) -> Iterator[_Key]:
+    """Size and mtime of each file; a file that cannot be stat'ed still goes on, so
+    decode names its cause (a dangling symlink, a file deleted meanwhile)."""
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            yield _Key(path, 0, 0.0)
+        else:
+            yield _Key(path, info.st_size, info.st_mtime)
+
+
+def _unfinished(
+    keys: Iterable[_Key],
+    store: StoreLike,
+    model_id: str,
+    options: AnnotateOptions,
+    on_skip: SkipHandler,
+) -> Iterator[_Key]:
+    """Drop files already captioned by this model, one store query per chunk."""
+    keys = iter(keys)
+    while chunk := list(islice(keys, options.lookup_size)):
+        done = set() if options.force else store.already_done(
+            [(key.path, key.size, key.mtime) for key in chunk], model_id
+        )
+        for key in chunk:
+            if str(key.path) in done:
+                on_skip(key.path)
+            else:
+                yield key
+
+
+class _Batcher:
+    """Collects decoded files; flush captions the good ones in one call and stores all."""
+
+    def __init__(
+        self,
+        captioner: CaptionerLike,
+        store: StoreLike,
+        model_id: str,
+        run_id: int,
+        report: ResultHandler,
+        metadata_writer: Any | None,
+        summary: Summary,
+        on_metadata: MetadataHandler | None,
+    ) -> None:
+        self.captioner = captioner
+        self.store = store
+        self.model_id = model_id
+        self.run_id = run_id
+        self.report = report
+        self.metadata_writer = metadata_writer
+        self.summary = summary
+        self.on_metadata = on_metadata
+        self.items: list[tuple[_Key, DecodedImage]] = []
+        self.good = 0
+
+    def add(self, key: _Key, decoded: DecodedImage) -> None:
+        self.items.append((key, decoded))
+        self.good += decoded.error is None
+
+    def ready(self, batch_size: int) -> bool:
+        # Errors ride along with the next batch, but a long run of bad files
+        # is still written out in bounded groups.
+        return self.good >= batch_size or len(self.items) >= 4 * batch_size
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        good = [decoded.pixels for _, decoded in self.items if decoded.error is None]
+        captions = self.captioner.caption(np.stack(good)) if good else []
+        if len(captions) != len(good):
+            raise RuntimeError(f"the captioner returned {len(captions)} captions for {len(good)} images")
+        captions = iter(captions)
+        results = [
+            _result(key, decoded, None if decoded.error else next(captions))
+            for key, decoded in self.items
+        ]
+        self.items, self.good = [], 0
+        self.store.write_batch(results, self.model_id, self.run_id)
+        if self.metadata_writer is not None:
+            self._write_metadata([r for r in results if r.status == "ok"])
+        for result in results:
+            self.report(result)
+
+    def _write_metadata(self, results: list[CaptionResult]) -> None:
+        if not results:
+            return
+        from caption_cli.metadata import MetadataRequest  # only when asked for
+
+        name = self.captioner.bundle.name
+        outcomes = self.metadata_writer.write(
+            [MetadataRequest(r.path, r.caption.text, name, r.size, r.mtime) for r in results]
+        )
+        changed = []
+        for outcome in outcomes:
+            if outcome.status == "error":
+                self.summary.metadata_failed += 1
+            elif outcome.status == "written":
+                self.summary.metadata_written += 1
+                changed.append(Path(outcome.path))
+            if self.on_metadata:
+                self.on_metadata(outcome)
+        # An in-place write changes size/mtime: store the new key so resume still skips.
+        self.store.update_keys(list(_restat(changed)))
+
+
+def _restat(paths: Iterable[Path]) -> Iterator[tuple[Path, int, float]]:
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        yield path, info.st_size, info.st_mtime
+
+
+def _result(key: _Key, decoded: DecodedImage, caption: Caption | None) -> CaptionResult:
+    return CaptionResult(
+        path=key.path,
+        size=key.size,
+        mtime=key.mtime,
+        status="error" if decoded.error else "ok",
+        width=decoded.width,
+        height=decoded.height,
+        error=decoded.error,
+        caption=caption,
+    )

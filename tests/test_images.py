@@ -1,0 +1,386 @@
+"""caption_cli.images: walking folders and decoding every kind of photo (synthetic files only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from caption_cli import images
+from caption_cli.images import decode, decode_many, walk
+from caption_cli.preprocess import model_pixels
+
+S = 32  # model image size used in these tests
+
+# Four flat, very different quadrants (plus a stripe) so any wrong rotation shows.
+UPRIGHT = np.zeros((48, 64, 3), np.uint8)  # H=48, W=64
+UPRIGHT[:24, :32] = (230, 20, 20)
+UPRIGHT[:24, 32:] = (20, 230, 20)
+UPRIGHT[24:, :32] = (20, 20, 230)
+UPRIGHT[24:, 32:] = (230, 230, 20)
+UPRIGHT[:8, :16] = (255, 255, 255)
+
+
+def save(path: Path, image: Image.Image, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return path
+
+
+def photo(path: Path, color=(200, 100, 50), size=(40, 30), **kwargs) -> Path:
+    return save(path, Image.new("RGB", size, color), **kwargs)
+
+
+# ---------------------------------------------------------------------------- walk
+
+
+def names(paths, root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in paths]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    photo(root / "b.jpg")
+    photo(root / "A.PNG")
+    photo(root / "c.JpEg", format="JPEG")
+    (root / "notes.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "notes.txt").write_text("not a photo")
+    photo(root / "sub" / "deep" / "x.webp")
+    photo(root / "sub" / "y.tif")
+    photo(root / ".hidden" / "h.jpg")
+    photo(root / ".dot.jpg")
+    photo(root / "sub" / ".also.png")
+    os.symlink(root, root / "sub" / "loop")  # a symlink loop back to the top
+    return root
+
+
+def test_walk_sorted_recursive_skips_hidden_and_loops(tree: Path):
+    assert names(walk([tree]), tree) == [
+        "A.PNG",
+        "b.jpg",
+        "c.JpEg",
+        "sub/deep/x.webp",
+        "sub/y.tif",
+    ]
+
+
+def test_walk_include_hidden(tree: Path):
+    assert names(walk([tree], include_hidden=True), tree) == [
+        ".dot.jpg",
+        ".hidden/h.jpg",
+        "A.PNG",
+        "b.jpg",
+        "c.JpEg",
+        "sub/.also.png",
+        "sub/deep/x.webp",
+        "sub/y.tif",
+    ]
+
+
+def test_walk_not_recursive(tree: Path):
+    assert names(walk([tree], recursive=False), tree) == ["A.PNG", "b.jpg", "c.JpEg"]
+
+
+def test_walk_follows_symlinked_folder_once(tmp_path: Path):
+    elsewhere = tmp_path / "elsewhere"
+    photo(elsewhere / "e.jpg")
+    root = tmp_path / "root"
+    photo(root / "r.jpg")
+    os.symlink(elsewhere, root / "linked")
+    os.symlink(elsewhere / "e.jpg", root / "single.jpg")
+    # The linked folder is walked; a second root that overlaps is not walked again.
+    assert names(walk([root, elsewhere, root]), tmp_path) == [
+        "root/linked/e.jpg",
+        "root/r.jpg",
+        "root/single.jpg",
+    ]
+
+
+def test_walk_explicit_files_absolute_and_deduplicated(tmp_path: Path, monkeypatch):
+    photo(tmp_path / "one.jpg")
+    (tmp_path / "readme.md").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    found = list(walk(["one.jpg", Path("one.jpg"), "readme.md"]))
+    # A file named on the command line is kept whatever its extension: decode judges it.
+    assert found == [tmp_path / "one.jpg", tmp_path / "readme.md"]
+    assert all(p.is_absolute() for p in found)
+
+
+def test_walk_never_yields_a_file_twice_when_roots_overlap(tmp_path: Path):
+    one = photo(tmp_path / "one.jpg")
+    photo(tmp_path / "two.jpg")
+    assert list(walk([one, tmp_path])) == [one, tmp_path / "two.jpg"]
+    assert list(walk([tmp_path, one])) == [one, tmp_path / "two.jpg"]
+    assert list(walk([tmp_path / "sub-that-is-not-there" / "..", tmp_path])) == [one, tmp_path / "two.jpg"]
+
+
+def test_walk_yields_dangling_symlink_so_it_becomes_an_error_row(tmp_path: Path):
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
+    found = list(walk([tmp_path]))
+    assert found == [tmp_path / "dangling.jpg"]
+    result = decode(found[0], S)
+    assert result.pixels is None and result.error == "No such file or directory"
+
+
+def test_walk_reports_unreadable_folder(tmp_path: Path, monkeypatch):
+    photo(tmp_path / "ok.jpg")
+    locked = tmp_path / "locked"
+    photo(locked / "secret.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path) == locked:  # chmod 0 would not stop root, so fail it here
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    errors = []
+    found = list(walk([tmp_path], on_error=lambda p, m: errors.append((p, m))))
+    assert found == [tmp_path / "ok.jpg"]
+    assert errors == [(locked, "cannot list folder: Permission denied")]
+
+
+# -------------------------------------------------------------- decode: orientation
+
+# For each EXIF orientation, the stored (raw) pixels whose upright view is UPRIGHT.
+RAW_FOR_ORIENTATION = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored horizontally
+    3: lambda a: a[::-1, ::-1],  # rotated 180
+    4: lambda a: a[::-1, :],  # mirrored vertically
+    5: lambda a: a.transpose(1, 0, 2),  # transposed
+    6: lambda a: np.rot90(a, 1),  # shown rotated 90 clockwise, so stored counter-clockwise
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # transversed
+    8: lambda a: np.rot90(a, -1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(RAW_FOR_ORIENTATION))
+@pytest.mark.parametrize("ext", ["jpg", "png"])
+def test_decode_applies_exif_orientation(tmp_path: Path, orientation: int, ext: str):
+    raw = np.ascontiguousarray(RAW_FOR_ORIENTATION[orientation](UPRIGHT))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    options = {"quality": 95} if ext == "jpg" else {}
+    path = save(tmp_path / f"o{orientation}.{ext}", Image.fromarray(raw), exif=exif, **options)
+
+    result = decode(path, S)
+
+    assert result.error is None
+    assert (result.width, result.height) == (64, 48)  # upright size, not the stored one
+    expected = model_pixels(Image.fromarray(UPRIGHT), S).astype(int)
+    difference = np.abs(result.pixels.astype(int) - expected)
+    assert difference.mean() < 4  # JPEG noise only; a wrong turn would be ~100
+
+
+# ------------------------------------------------------------------ decode: formats
+
+
+def test_decode_large_jpeg_uses_dct_scaling_but_keeps_enough_pixels(tmp_path: Path, monkeypatch):
+    big = Image.fromarray(np.kron(UPRIGHT, np.ones((40, 40, 1), np.uint8)))  # 2560x1920
+    path = save(tmp_path / "big.jpg", big, quality=90)
+    seen = []
+
+    def spy(image, size):
+        seen.append(image.size)
+        return model_pixels(image, size)
+
+    monkeypatch.setattr(images, "model_pixels", spy)
+    result = decode(path, S * 7)  # 224: the draft may shrink 8x here but not 16x
+    assert result.error is None and (result.width, result.height) == (2560, 1920)
+    assert seen == [(320, 240)]  # JPEG decoded at 1/8 scale, both sides still >= 224
+    expected = model_pixels(big, S * 7).astype(int)
+    assert np.abs(result.pixels.astype(int) - expected).mean() < 4
+
+
+def test_decode_heic(tmp_path: Path):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    path = save(tmp_path / "phone.HEIC", Image.fromarray(UPRIGHT), quality=95)
+    result = decode(path, S)
+    assert result.error is None and (result.width, result.height) == (64, 48)
+    expected = model_pixels(Image.fromarray(UPRIGHT), S).astype(int)
+    assert np.abs(result.pixels.astype(int) - expected).mean() < 8
+
+
+def grey16(tmp_path: Path) -> Path:
+    ramp = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (30, 1))
+    return save(tmp_path / "sixteen.png", Image.fromarray(ramp))
+
+
+def cmyk_jpeg(tmp_path: Path) -> Path:
+    return save(tmp_path / "print.jpg", Image.new("CMYK", (40, 30), (0, 255, 255, 0)), quality=95)
+
+
+def cmyk_tiff(tmp_path: Path) -> Path:
+    return save(tmp_path / "print.tiff", Image.new("CMYK", (40, 30), (0, 255, 255, 0)))
+
+
+def palette_gif(tmp_path: Path) -> Path:
+    return save(tmp_path / "pal.gif", Image.new("RGB", (40, 30), (255, 0, 0)).convert("P"))
+
+
+def rgba_png(tmp_path: Path) -> Path:
+    image = Image.new("RGBA", (40, 30), (255, 0, 0, 255))
+    image.paste((0, 0, 255, 0), (20, 0, 40, 30))  # right half fully transparent
+    return save(tmp_path / "alpha.png", image)
+
+
+def la_png(tmp_path: Path) -> Path:
+    image = Image.new("LA", (40, 30), (0, 255))
+    image.paste((0, 0), (20, 0, 40, 30))
+    return save(tmp_path / "la.png", image)
+
+
+def transparent_palette_png(tmp_path: Path) -> Path:
+    image = Image.new("P", (40, 30), 1)
+    image.putpalette([0, 0, 0, 255, 0, 0])
+    image.paste(0, (20, 0, 40, 30))
+    return save(tmp_path / "ptrans.png", image, transparency=0)
+
+
+def bilevel_bmp(tmp_path: Path) -> Path:
+    return save(tmp_path / "bw.bmp", Image.new("1", (40, 30), 0))
+
+
+@pytest.mark.parametrize(
+    "make, left, right",
+    [
+        (cmyk_jpeg, (255, 0, 0), (255, 0, 0)),
+        (cmyk_tiff, (255, 0, 0), (255, 0, 0)),
+        (palette_gif, (255, 0, 0), (255, 0, 0)),
+        (rgba_png, (255, 0, 0), (255, 255, 255)),  # transparent -> white, not black
+        (la_png, (0, 0, 0), (255, 255, 255)),
+        (transparent_palette_png, (255, 0, 0), (255, 255, 255)),
+        (bilevel_bmp, (0, 0, 0), (0, 0, 0)),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_decode_converts_modes_to_rgb(tmp_path: Path, make, left, right):
+    result = decode(make(tmp_path), S)
+    assert result.error is None
+    assert result.pixels.shape == (S, S, 3) and result.pixels.dtype == np.uint8
+    np.testing.assert_allclose(result.pixels[S // 2, 2], left, atol=6)
+    np.testing.assert_allclose(result.pixels[S // 2, S - 3], right, atol=6)
+
+
+def test_decode_16_bit_grey_is_scaled_not_clipped(tmp_path: Path):
+    result = decode(grey16(tmp_path), S)
+    assert result.error is None
+    row = result.pixels[S // 2, :, 0].astype(int)
+    assert row[0] <= 5 and row[-1] >= 250
+    assert 100 < row[S // 2] < 155  # mid-grey: a clipping convert would give 255
+    assert np.all(np.diff(row) >= -1)  # still a ramp
+
+
+def test_decode_animation_and_multipage_tiff_use_first_frame(tmp_path: Path):
+    frames = [Image.new("RGB", (40, 30), c) for c in [(0, 200, 0), (200, 0, 0), (0, 0, 200)]]
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=50, loop=0)
+    tiff = tmp_path / "pages.tif"
+    frames[0].save(tiff, save_all=True, append_images=frames[1:])
+    for path in (gif, tiff):
+        result = decode(path, S)
+        assert result.error is None
+        np.testing.assert_allclose(result.pixels[5, 5], (0, 200, 0), atol=6)
+
+
+# ---------------------------------------------------------------- decode: bad files
+
+
+def truncated_jpeg(tmp_path: Path) -> Path:
+    path = save(tmp_path / "cut.jpg", Image.fromarray(UPRIGHT), quality=95)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def truncated_png(tmp_path: Path) -> Path:
+    noise = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    path = save(tmp_path / "cut.png", Image.fromarray(noise))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def text_as_jpeg(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not a photo\n")
+    return path
+
+
+def empty_file(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    return path
+
+
+def unsupported_format(tmp_path: Path) -> Path:
+    # A real image Pillow could read (PPM), but not a photo format we accept.
+    return save(tmp_path / "disguised.jpg", Image.new("RGB", (8, 8)), format="PPM")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (empty_file, "empty file (0 bytes)"),
+        (text_as_jpeg, "not a supported image (content is not JPEG/PNG/WEBP/HEIF/TIFF/BMP/GIF)"),
+        (unsupported_format, "not a supported image (content is not JPEG/PNG/WEBP/HEIF/TIFF/BMP/GIF)"),
+        (truncated_jpeg, "image file is truncated"),
+        (truncated_png, "image file is truncated"),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_decode_bad_file_is_an_error_value(tmp_path: Path, make, message):
+    path = make(tmp_path)
+    result = decode(path, S)
+    assert result.pixels is None and result.width is None
+    assert result.error.startswith(message)
+    assert "\n" not in result.error and str(path) not in result.error
+
+
+def test_decode_decompression_bomb_guard(tmp_path: Path, monkeypatch):
+    path = photo(tmp_path / "bomb.png", size=(100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10000 px > 2 x limit
+    result = decode(path, S)
+    assert result.pixels is None
+    assert result.error.startswith("refused as a possible decompression bomb")
+
+
+# --------------------------------------------------------------------- decode_many
+
+
+def test_decode_many_in_workers_keeps_order_and_bounds_look_ahead(tmp_path: Path):
+    paths = []
+    for i in range(12):
+        if i % 5 == 3:
+            paths.append(tmp_path / f"bad{i}.jpg")
+            paths[-1].write_text("not an image")
+        else:
+            paths.append(photo(tmp_path / f"p{i:02d}.png", color=(i * 20, 0, 0)))
+    pulled = []
+
+    def source():
+        for path in paths:
+            pulled.append(path)
+            yield path
+
+    stream = decode_many(source(), S, workers=2, prefetch=3)
+    first = next(stream)
+    assert len(pulled) == 3  # bounded: never reads far ahead of the consumer
+    results = [first, *stream]
+    assert [r.path for r in results] == paths
+    for i, result in enumerate(results):
+        if i % 5 == 3:
+            assert result.error is not None
+        else:
+            assert result.error is None and result.pixels[0, 0, 0] == i * 20
+
+
+def test_decode_many_without_workers(tmp_path: Path):
+    paths = [photo(tmp_path / "a.png"), empty_file(tmp_path)]
+    results = list(decode_many(iter(paths), S, workers=0))
+    assert [r.path for r in results] == paths
+    assert results[0].error is None and results[1].error == "empty file (0 bytes)"
