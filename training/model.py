@@ -109,34 +109,46 @@ class ShowAttendTell(nn.Module):
         self.encoder = Encoder(cfg)
         self.step = DecoderStep(cfg)
 
-    def forward(self, grid: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing. grid [B, L, D], tokens [B, T+1] (<start> ... <end> <pad>...).
+    def forward(self, grid: torch.Tensor, tokens: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher forcing. grid [N, L, D]; tokens [B, T+1] (<start> ... <end> <pad>...);
+        image_index [B]: which of the N images each caption describes (default: caption i -> image i),
+        so an image's several captions share one encoder pass.
 
-        Returns logits [B, T, V] predicting tokens[:, 1:] and attention [B, T, L].
+        Captions are sorted by length and a row leaves the batch once it has emitted <end>,
+        so no work is spent on padding. Returns the P real predictions packed step by step:
+        logits [P, V], their targets [P], and attention [B, T, L] (zero after a caption ends).
         """
-        features, keys, hidden = self.encoder(grid)  # [B, L, E], [B, L, A], [B, H]
+        features, keys, hidden0 = self.encoder(grid)  # [N, L, E], [N, L, A], [N, H]
+        if image_index is not None:
+            features, keys, hidden0 = features[image_index], keys[image_index], hidden0[image_index]  # [B, ...]
         steps = tokens.shape[1] - 1
-        logits, alphas = [], []
-        for t in range(steps):
-            step_logits, hidden, alpha = self.step(tokens[:, t], hidden, features, keys)
-            logits.append(step_logits)  # [B, V]
-            alphas.append(alpha)  # [B, L]
-        return torch.stack(logits, dim=1), torch.stack(alphas, dim=1)
+        lengths = (tokens != self.cfg.special["pad"]).sum(dim=1) - 1  # [B] predictions per caption
+        order = lengths.argsort(descending=True)  # [B]
+        tokens, features, keys, hidden = tokens[order], features[order], keys[order], hidden0[order]
+        active = [int((lengths > t).sum()) for t in range(steps)]  # rows still decoding at step t
+        logits, targets, alphas = [], [], []
+        for t, n in enumerate(active):
+            step_logits, step_hidden, alpha = self.step(tokens[:n, t], hidden[:n], features[:n], keys[:n])
+            hidden = torch.cat([step_hidden, hidden[n:]]) if n < hidden.shape[0] else step_hidden  # [B, H]
+            logits.append(step_logits)  # [n, V]
+            targets.append(tokens[:n, t + 1])  # [n]
+            alphas.append(F.pad(alpha, (0, 0, 0, tokens.shape[0] - n)))  # [B, L]
+        attention = torch.stack(alphas, dim=1)[order.argsort()]  # [B, T, L] in the caller's row order
+        return torch.cat(logits), torch.cat(targets), attention
 
 
-def caption_loss(logits: torch.Tensor, alphas: torch.Tensor, targets: torch.Tensor, pad_id: int,
-                 attention_lambda: float, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked cross-entropy plus doubly stochastic attention regularisation.
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor, attention: torch.Tensor,
+                 attention_lambda: float, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy over the real tokens plus doubly stochastic attention regularisation.
 
     The regulariser lambda * sum_i (1 - sum_t alpha_ti)^2 pushes the model to look at
     every part of the image over the whole caption, not only the most salient cell.
-    Returns (loss, number of target tokens).
     """
-    mask = targets != pad_id  # [B, T]
-    ce = F.cross_entropy(logits[mask], targets[mask], label_smoothing=label_smoothing)  # over real tokens only
-    coverage = (alphas * mask.unsqueeze(2)).sum(dim=1)  # [B, L]
+    ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)  # logits [P, V], targets [P]
+    coverage = attention.sum(dim=1)  # [B, L]: attention is zero after each caption's end
     regulariser = ((1.0 - coverage) ** 2).sum(dim=1).mean()
-    return ce + attention_lambda * regulariser, mask.sum()
+    return ce + attention_lambda * regulariser
 
 
 @torch.no_grad()

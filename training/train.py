@@ -48,7 +48,7 @@ class TrainConfig:
     dropout: float = 0.5
     # --- optimisation ---------------------------------------------------------
     epochs: int = 10
-    batch_size: int = 64  # captions per step, per process
+    batch_size: int = 80  # captions per step, per process (all captions of batch_size/5 images)
     lr: float = 4e-4
     weight_decay: float = 0.0
     warmup_steps: int = 200
@@ -130,18 +130,28 @@ def encode_split(records: Sequence[Record], cache: FeatureCache, vocab: Vocab, m
 
 
 def batches(split: EncodedSplit, batch_size: int, epoch: int, seed: int, ctx: Dist) -> Iterator[np.ndarray]:
-    """Shuffled caption batches; each rank takes every world-th batch (same count on every rank)."""
-    order = np.random.default_rng(seed + epoch).permutation(len(split.pairs))
-    usable = len(order) // (batch_size * ctx.world) * batch_size * ctx.world  # equal steps so DDP never hangs
-    for start in range(ctx.rank * batch_size, usable, batch_size * ctx.world):
-        yield split.pairs[order[start:start + batch_size]]
+    """Shuffled batches of about `batch_size` captions holding ALL captions of their images,
+    so each image's grid goes through the encoder once per step, not once per caption.
+    Each rank takes every world-th batch (the same count on every rank, so DDP never hangs)."""
+    rows = split.pairs[:, 0]
+    per_image = max(1, round(len(rows) / len(split.ids)))
+    images_per_batch = max(1, batch_size // per_image)
+    order = np.random.default_rng(seed + epoch).permutation(len(split.ids))
+    usable = len(order) // (images_per_batch * ctx.world) * images_per_batch * ctx.world
+    starts = np.searchsorted(rows, np.arange(len(split.ids) + 1))  # pairs are grouped by image row
+    for first in range(ctx.rank * images_per_batch, usable, images_per_batch * ctx.world):
+        chosen = order[first:first + images_per_batch]
+        yield np.concatenate([split.pairs[starts[r]:starts[r + 1]] for r in chosen])
 
 
-def to_tensors(split: EncodedSplit, pairs: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    grid = torch.from_numpy(split.grids[pairs[:, 0]].astype(np.float32)).to(device)  # [B, L, D]
+def to_tensors(split: EncodedSplit, pairs: np.ndarray,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grid [N, L, D] of the batch's distinct images, tokens [B, T+1], image_index [B]."""
+    images, image_index = np.unique(pairs[:, 0], return_inverse=True)
+    grid = torch.from_numpy(split.grids[images].astype(np.float32)).to(device)  # [N, L, D]
     tokens = torch.from_numpy(pairs[:, 1:]).to(device)  # [B, T+1]
-    length = int((tokens != 0).sum(dim=1).max())
-    return grid, tokens[:, :length]  # trim trailing padding shared by the whole batch
+    length = int((tokens != PAD).sum(dim=1).max())
+    return grid, tokens[:, :length], torch.from_numpy(image_index).to(device)  # trim shared padding
 
 
 # --- schedule, checkpoints -----------------------------------------------------
@@ -234,7 +244,7 @@ def train(dataset: DataSet, cfg: TrainConfig, resume: bool = False, log=print) -
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
     dataset_info = {"name": getattr(dataset, "name", "custom"), "images": len(train_records),
                     "captions": int(len(train_split.pairs))}
-    steps_per_epoch = len(train_split.pairs) // (cfg.batch_size * ctx.world)
+    steps_per_epoch = sum(1 for _ in batches(train_split, cfg.batch_size, 0, cfg.seed, ctx))
     total_steps = steps_per_epoch * cfg.epochs
     if ctx.main:
         log(f"train {len(train_records)} images / {len(train_split.pairs)} captions, val {len(val_records)} images, "
@@ -251,10 +261,10 @@ def train(dataset: DataSet, cfg: TrainConfig, resume: bool = False, log=print) -
             for pairs in batches(train_split, cfg.batch_size, epoch, cfg.seed, ctx):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state["step"], total_steps, cfg)
-                grid, tokens = to_tensors(train_split, pairs, device)
-                logits, alphas = ddp_model(grid, tokens)
-                loss, n_tokens = caption_loss(logits, alphas, tokens[:, 1:], PAD,
-                                              cfg.attention_lambda, cfg.label_smoothing)
+                grid, tokens, image_index = to_tensors(train_split, pairs, device)
+                logits, targets, attention = ddp_model(grid, tokens, image_index)
+                loss = caption_loss(logits, targets, attention, cfg.attention_lambda, cfg.label_smoothing)
+                n_tokens = targets.numel()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # DDP all-reduces gradients here: the ranks' sync point
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -1,7 +1,155 @@
-"""CLI commands: metadata (see register)."""
+"""CLI command: write-metadata (the database's captions into XMP/EXIF/IPTC or XMP sidecars)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from enum import Enum
+from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from caption_cli.errors import CaptionCliError
+from caption_cli.store import DB_ENV, DEFAULT_DB
+
+CHUNK = 64  # requests per writer call: steady progress, bounded memory
+
+
+class Mode(str, Enum):
+    sidecar = "sidecar"
+    in_place = "in-place"
+
+
+class SidecarName(str, Enum):
+    default = "default"
+    adobe = "adobe"
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the app."""
+    app.command("write-metadata")(write_metadata)
+
+
+def write_metadata(
+    paths: list[Path] | None = typer.Argument(
+        None, exists=True, help="Photos or folders to write (default: every captioned photo in the database)."
+    ),
+    db: Path = typer.Option(DEFAULT_DB, "--db", envvar=DB_ENV, dir_okay=False, help=f"Caption database (env {DB_ENV})."),
+    mode: Mode = typer.Option(
+        Mode.sidecar, "--mode",
+        help="sidecar: an .xmp next to each photo, the photo untouched. in-place: into JPEG/PNG/WebP/TIFF"
+        " via a verified copy (HEIC/HEIF and RAW still get a sidecar).",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace descriptions a person wrote (kept by default)."),
+    sidecar_name: SidecarName = typer.Option(
+        SidecarName.default, "--sidecar-name",
+        help="default: IMG_1.jpg.xmp (darktable, digiKam, Immich); adobe: IMG_1.xmp (Lightroom, Bridge).",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be written; change nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every file's outcome."),
+) -> None:
+    """Write the database's captions into photo metadata (XMP, EXIF, IPTC) or XMP sidecars.
+
+    Example: caption-cli write-metadata ~/Pictures/2024 --mode in-place --db captions.db
+    """
+    from caption_cli.metadata import MetadataOutcome, MetadataWriter
+    from caption_cli.store import Store
+
+    if not db.is_file():
+        raise typer.BadParameter(f"{db}: no caption database here; run 'caption-cli annotate DIR' first", param_hint="--db")
+    err = Console(stderr=True)
+    outcomes: list[MetadataOutcome] = []
+
+    def tell(done: list[MetadataOutcome]) -> None:
+        outcomes.extend(done)
+        if not as_json:
+            for outcome in done:
+                if outcome.status in ("skipped", "error"):
+                    typer.echo(f"{outcome.path}: {outcome.message}", err=True)
+
+    try:
+        with Store(db) as store, MetadataWriter(
+            mode=mode.value, overwrite=overwrite, sidecar_name=sidecar_name.value, dry_run=dry_run
+        ) as writer, _progress(err) as progress:
+            rows, unknown = _select(store, paths or [])
+            tell([MetadataOutcome(p, "error", "no caption in the database; run annotate first") for p in unknown])
+            task = progress.add_task("Metadata", total=len(rows))
+            for chunk in _chunks(rows, CHUNK):
+                done = writer.write([_request(row) for row in chunk])
+                if not dry_run:  # the file's new size/mtime, so annotate's resume still skips it
+                    store.update_keys(list(_restat(o.path for o in done if o.status == "written")))
+                tell(done)
+                progress.advance(task, len(chunk))
+    except CaptionCliError as error:
+        err.print(f"[red]error:[/] {error}", markup=True, highlight=False)
+        raise typer.Exit(1) from error
+
+    counts = Counter(outcome.status for outcome in outcomes)
+    if as_json:
+        typer.echo(json.dumps({
+            "mode": mode.value, "dry_run": dry_run,
+            "counts": {status: counts.get(status, 0) for status in ("written", "unchanged", "skipped", "error")},
+            "files": [{"path": str(o.path), "status": o.status, "message": o.message} for o in outcomes],
+        }, ensure_ascii=False, indent=2))
+    else:
+        written = "would write" if dry_run else "written"
+        typer.echo(
+            f"Metadata ({mode.value}): {counts['written']} {written}, {counts['unchanged']} unchanged, "
+            f"{counts['skipped']} skipped, {counts['error']} failed"
+        )
+    if counts["error"]:
+        raise typer.Exit(1)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    )
+
+
+def _select(store, paths: Sequence[Path]) -> tuple[list[dict], list[Path]]:
+    """Rows captioned OK for the given files and folders (all when none), and the files
+    given that have no caption. Paths are matched as given and with links resolved."""
+    if not paths:
+        return list(store.iter_images(status="ok")), []
+    rows: dict[str, dict] = {}
+    files = [path for path in paths if not path.is_dir()]
+    folders = [path for path in paths if path.is_dir()]
+    unknown = []
+    if files:
+        spellings = {path: {os.path.abspath(path), str(path.resolve())} for path in files}
+        wanted = sorted(set().union(*spellings.values()))
+        rows.update((row["path"], row) for row in store.iter_images(status="ok", paths=wanted))
+        unknown = [path for path, names in spellings.items() if not names & rows.keys()]
+    if folders:
+        prefixes = tuple({os.path.join(name, "") for f in folders for name in (os.path.abspath(f), str(f.resolve()))})
+        rows.update((row["path"], row) for row in store.iter_images(status="ok") if row["path"].startswith(prefixes))
+    return [rows[key] for key in sorted(rows)], unknown
+
+
+def _request(row: dict):
+    from caption_cli.metadata import MetadataRequest
+
+    # The pipeline records the bundle's name; the DB keeps "name@hash": use the name,
+    # so annotate --write-metadata and write-metadata mark files the same way.
+    model_name = (row.get("model_id") or "unknown").rsplit("@", 1)[0]
+    return MetadataRequest(Path(row["path"]), row["caption"], model_name, row["size"], row["mtime"])
+
+
+def _chunks(rows: list[dict], size: int) -> Iterator[list[dict]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _restat(paths) -> Iterator[tuple[Path, int, float]]:
+    for path in paths:
+        try:
+            info = Path(path).stat()
+        except OSError:
+            continue
+        yield Path(path), info.st_size, info.st_mtime

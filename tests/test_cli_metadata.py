@@ -1,0 +1,168 @@
+"""The write-metadata command: database rows -> metadata, exit codes, --json, --dry-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from caption_cli.cli import app
+from caption_cli.results import Alternative, Caption, CaptionResult
+from caption_cli.store import Store
+
+EXIFTOOL = shutil.which("exiftool")
+if EXIFTOOL is None and not os.environ.get("CI"):
+    pytest.skip("exiftool is not installed (apt install libimage-exiftool-perl)", allow_module_level=True)
+
+MODEL_ID = "sat-lite0-flickr8k@0123456789ab"
+
+
+def tags(path: Path) -> dict:
+    done = subprocess.run([EXIFTOOL, "-j", "-G1", str(path)], capture_output=True, text=True, encoding="utf-8")
+    return json.loads(done.stdout)[0]
+
+
+def captioned(path: Path, text: str) -> CaptionResult:
+    words = text.split()
+    info = path.stat()
+    caption = Caption(text, -0.5, words, np.full((len(words), 7, 7), 1 / 49, np.float32), [Alternative(text, -0.5)])
+    return CaptionResult(path, info.st_size, info.st_mtime, "ok", 64, 48, caption=caption)
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> tuple[Path, Path]:
+    """Photos in two folders plus a database: three captioned, one failed."""
+    photos = tmp_path / "photos"
+    (photos / "trip").mkdir(parents=True)
+    for name, colour in [("dog.jpg", (40, 140, 60)), ("cat.png", (200, 40, 30)), ("trip/boat.webp", (0, 0, 200))]:
+        Image.new("RGB", (64, 48), colour).save(photos / name)
+    (photos / "broken.jpg").write_bytes(b"not a jpeg")
+    db = tmp_path / "captions.db"
+    with Store(db) as store:
+        run = store.start_run(MODEL_ID, "cpu", ["annotate"])
+        broken = photos / "broken.jpg"
+        store.write_batch(
+            [
+                captioned(photos / "dog.jpg", "a dog runs on the grass"),
+                captioned(photos / "cat.png", "eine Katze schläft — 猫"),
+                captioned(photos / "trip/boat.webp", "a boat on the water"),
+                CaptionResult(broken, broken.stat().st_size, broken.stat().st_mtime, "error", error="cannot decode"),
+            ],
+            MODEL_ID,
+            run,
+        )
+    return photos, db
+
+
+def flat(text: str) -> str:
+    """Typer's boxed usage errors as one plain line."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def invoke(*args: str | Path):
+    return CliRunner().invoke(app, ["write-metadata", *map(str, args)])
+
+
+def test_sidecars_by_default(library) -> None:
+    photos, db = library
+    result = invoke("--db", db)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "Metadata (sidecar): 3 written, 0 unchanged, 0 skipped, 0 failed"
+    found = tags(photos / "cat.png.xmp")
+    assert found["XMP-dc:Description"] == "eine Katze schläft — 猫"
+    assert found["XMP-captioncli:Model"] == "sat-lite0-flickr8k"
+    assert not (photos / "broken.jpg.xmp").exists()  # failed rows have no caption to write
+    assert "XMP-dc:Description" not in tags(photos / "dog.jpg")
+
+
+def test_in_place_twice_then_unchanged(library) -> None:
+    photos, db = library
+    first = invoke("--db", db, "--mode", "in-place", "--json")
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)
+    assert report["counts"] == {"written": 3, "unchanged": 0, "skipped": 0, "error": 0}
+    assert tags(photos / "trip/boat.webp")["IFD0:ImageDescription"] == "a boat on the water"
+    with Store(db) as store:  # the new size/mtime is stored, so annotate's resume still skips
+        row = store.get_image(str(photos / "dog.jpg"))
+    assert row["size"] == (photos / "dog.jpg").stat().st_size
+
+    second = invoke("--db", db, "--mode", "in-place", "--json")
+    assert json.loads(second.stdout)["counts"] == {"written": 0, "unchanged": 3, "skipped": 0, "error": 0}
+
+
+def test_paths_select_files_and_folders(library) -> None:
+    photos, db = library
+    result = invoke(photos / "trip", photos / "dog.jpg", "--db", db, "--json", "--sidecar-name", "adobe")
+    assert result.exit_code == 0, result.output
+    files = {Path(f["path"]).name: f["status"] for f in json.loads(result.stdout)["files"]}
+    assert files == {"dog.jpg": "written", "boat.webp": "written"}
+    assert (photos / "dog.xmp").exists() and (photos / "trip/boat.xmp").exists()
+    assert not (photos / "cat.xmp").exists()
+
+
+def test_a_file_not_in_the_database_fails(library) -> None:
+    photos, db = library
+    stranger = photos / "stranger.jpg"
+    Image.new("RGB", (8, 8)).save(stranger)
+    result = invoke(stranger, "--db", db)
+    assert result.exit_code == 1
+    assert f"{stranger}: no caption in the database; run annotate first" in result.stderr
+
+
+def test_a_failed_file_makes_exit_code_1_and_the_rest_is_written(library) -> None:
+    photos, db = library
+    (photos / "dog.jpg").chmod(0o444)
+    result = invoke("--db", db, "--mode", "in-place")
+    assert result.exit_code == 1
+    assert f"{photos / 'dog.jpg'}: read-only file; left unchanged" in result.stderr
+    assert "2 written, 0 unchanged, 0 skipped, 1 failed" in result.stdout
+    assert tags(photos / "cat.png")["XMP-dc:Description"] == "eine Katze schläft — 猫"
+
+
+def test_a_persons_description_is_reported_as_skipped(library) -> None:
+    photos, db = library
+    subprocess.run([EXIFTOOL, "-q", "-overwrite_original", "-XMP-dc:Description=Rex at two", str(photos / "dog.jpg")], check=True)
+    with Store(db) as store:  # keep the database key in step with the edit
+        info = (photos / "dog.jpg").stat()
+        store.update_keys([(photos / "dog.jpg", info.st_size, info.st_mtime)])
+    result = invoke(photos / "dog.jpg", "--db", db, "--mode", "in-place")
+    assert result.exit_code == 0
+    assert "kept the description a person wrote ('Rex at two'); --overwrite replaces it" in result.stderr
+    assert invoke(photos / "dog.jpg", "--db", db, "--mode", "in-place", "--overwrite").exit_code == 0
+    assert tags(photos / "dog.jpg")["XMP-dc:Description"] == "a dog runs on the grass"
+
+
+def test_dry_run_changes_nothing(library) -> None:
+    photos, db = library
+    before = {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()}
+    result = invoke("--db", db, "--mode", "in-place", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "Metadata (in-place): 3 would write, 0 unchanged, 0 skipped, 0 failed"
+    assert {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode", "inplace"], "'inplace' is not one of 'sidecar', 'in-place'"),
+        (["--sidecar-name", "lightroom"], "'lightroom' is not one of 'default', 'adobe'"),
+    ],
+)
+def test_bad_options_are_usage_errors(library, args: list[str], message: str) -> None:
+    _, db = library
+    result = invoke("--db", db, *args)
+    assert result.exit_code == 2
+    assert message in flat(result.stderr)
+
+
+def test_missing_database_is_a_usage_error(tmp_path: Path) -> None:
+    result = invoke("--db", tmp_path / "nope.db")
+    assert result.exit_code == 2
+    assert "nope.db: no caption database here; run 'caption-cli annotate DIR' first" in flat(result.stderr)
