@@ -19,7 +19,7 @@ from caption_cli.commands.annotate import DeviceOption, ModelOption
 from caption_cli.errors import CaptionCliError, MissingExtraError
 
 TRAIN_HINT = "this command needs PyTorch: pip install 'caption-cli[train]'"
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # log lines stay whole in files and pipes
 
 
 class DataKind(str, Enum):
