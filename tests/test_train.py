@@ -90,15 +90,42 @@ def _greedy_captions(checkpoint: Path, shapes: dict[str, Path]) -> dict[str, str
     return {image_id: vocab.decode(row) for image_id, row in zip(ids, tokens.tolist())}
 
 
-def test_short_training_overfits_the_shapes(shapes: dict[str, Path], tmp_path: Path) -> None:
-    cfg = resolve_config(None, {**TINY, "out": str(tmp_path / "run"), "cache": str(shapes["cache"]),
+@pytest.fixture(scope="module")
+def overfit_run(shapes: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder whose model has memorised the 8 training captions."""
+    out = tmp_path_factory.mktemp("overfit")
+    cfg = resolve_config(None, {**TINY, "out": str(out), "cache": str(shapes["cache"]),
                                 "epochs": 150, "batch_size": 8, "lr": 3e-3, "patience": 100, "select_metric": "BLEU-4"})
-    best = train(_dataset(shapes), cfg, log=lambda line: None)
-    last = tmp_path / "run" / "last.pt"
-    captions = _greedy_captions(last, shapes)
+    train(_dataset(shapes), cfg, log=lambda line: None)
+    return out
+
+
+def test_short_training_overfits_the_shapes(shapes: dict[str, Path], overfit_run: Path) -> None:
+    captions = _greedy_captions(overfit_run / "last.pt", shapes)
     expected = {r.image_id: r.captions[0] for r in _dataset(shapes).split("train")}
     assert captions == expected
-    assert best.exists()
+    assert (overfit_run / "best.pt").exists()
+
+
+def test_evaluate_command_scores_the_memorised_captions(shapes: dict[str, Path], overfit_run: Path,
+                                                         tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from caption_cli.cli import app
+
+    root = shapes["root"]
+    result = CliRunner().invoke(app, [
+        "evaluate", "--data", "kaggle", "--images", str(root / "images"), "--annotations", str(root / "captions.csv"),
+        "--splits", str(root), "--split", "train", "--checkpoint", str(overfit_run / "last.pt"),
+        "--cache", str(shapes["cache"]), "--beam", "1", "--beam", "3", "--json",
+        "--results", str(tmp_path / "results-{beam}.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    for beam in ("1", "3"):
+        assert report[beam]["images"] == 8
+        assert report[beam]["BLEU-4"] > 0.99 and report[beam]["ROUGE-L"] > 0.99
+    written = json.loads((tmp_path / "results-3.json").read_text())
+    assert {"image_id": "red-circle-on-blue.png", "caption": "a red circle on a blue background"} in written
 
 
 def test_resume_continues_from_the_saved_step(shapes: dict[str, Path], tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from caption_cli.preprocess import model_pixels
@@ -124,7 +125,7 @@ def extract_features(image_root: Path, image_ids: Sequence[str], cache_root: Pat
         session = ort.InferenceSession(str(onnx_path), options, providers=ort.get_available_providers())
         size = model.spec.image_size
         columns = [TextColumn("features"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-        with Progress(*columns) as progress, ThreadPoolExecutor(2) as pool:
+        with Progress(*columns, console=Console(stderr=True)) as progress, ThreadPoolExecutor(2) as pool:
             task = progress.add_task("features", total=len(todo))
             for ids in _batches(todo, batch_size):
                 pixels = np.stack(list(pool.map(lambda i: _load(Path(image_root) / i, size), ids)))
