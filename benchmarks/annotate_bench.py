@@ -1,140 +1,537 @@
-"""Measure the annotate pipeline's design choices on synthetic photos; prints ratios.
+"""How fast is `annotate`, against a seed-style baseline and against its own floor? Prints ratios.
 
-    python benchmarks/annotate_bench.py                     # decode + store only
-    python benchmarks/annotate_bench.py --model BUNDLE_DIR  # also end-to-end annotate
+    python benchmarks/annotate_bench.py --checkpoint CKPT.pt                 # default bundle
+    python benchmarks/annotate_bench.py --model BUNDLE --checkpoint CKPT.pt --big --json out.json
+    python benchmarks/annotate_bench.py --model BUNDLE --checkpoint CKPT.pt --quick   # smoke test
 
-What it measures, each against the obvious alternative:
-- JPEG draft (DCT scaling) vs a full decode before the resize, per photo;
-- decoding in worker processes vs in the main process (images/s);
-- one transaction per batch vs one commit per image (rows/s);
-- one resume query per chunk of keys vs one query per image;
-- with --model: annotate end to end (images/s), cold and resumed.
-Not run by CI: timings depend on the machine.
+One run measures, on Flickr8k images (and with --big on 4000x3000 JPEG upscales of them):
+  (a) baseline: what the seed repos' caption.py does, one image at a time: full PIL decode and
+      resize, eager PyTorch backbone + encoder, a per-image beam search stepping the model's
+      decoder in torch. Same weights (the checkpoint the bundle was exported from), same beam.
+  (b) annotate: caption_cli.pipeline.annotate with a Captioner on the bundle and a Store in a
+      temporary folder, default workers and batch size, as `caption-cli annotate` runs it.
+  (c) the floor: decode+resize alone (images.decode_many) and the encoder.onnx session alone on
+      batches of decoded pixels: what annotate would reach if the beam search, the store and
+      the hand-offs between stages cost nothing.
+  (d) memory: annotate over a folder of --rss-images (10k) files in a fresh process; its peak
+      RSS after --rss-first (1k) files and at the end.
+Targets (PASS/FAIL): annotate >= 15x the baseline; annotate >= 0.6 x 1/(1/decode + 1/encoder) on
+a CPU (decode and encoder share the cores) or >= 0.75 x min(decode, encoder) on a GPU; peak RSS
+grows under 50 MB from 1k to 10k images. Not run by CI: the numbers depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import sqlite3
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from itertools import cycle, islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from caption_cli.images import decode, decode_many, to_rgb, walk
-from caption_cli.pipeline import AnnotateOptions, annotate, default_workers
-from caption_cli.preprocess import model_pixels
-from caption_cli.results import Alternative, Caption, CaptionResult
-from caption_cli.store import Store
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout that is not pip-installed
+    sys.path.insert(0, str(REPO))
+
+from caption_cli.beam import SearchOptions  # noqa: E402
+from caption_cli.bundle import DEFAULT_BUNDLE_DIR, load_bundle  # noqa: E402
+from caption_cli.captioner import Captioner  # noqa: E402
+from caption_cli.errors import CaptionCliError  # noqa: E402
+from caption_cli.images import decode_many, is_image_name  # noqa: E402
+from caption_cli.pipeline import AnnotateOptions, annotate, default_workers  # noqa: E402
+from caption_cli.preprocess import model_pixels  # noqa: E402
+from caption_cli.store import Store  # noqa: E402
+
+DEFAULT_FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k" / "images"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "caption-cli-bench"
+BIG_SIZE = (4000, 3000)  # 12 megapixels, a phone camera's frame
+BIG_QUALITY = 90
+TARGET_BASELINE = 15.0  # annotate / baseline
+TARGET_FLOOR_CPU = 0.60  # annotate / (1 / (1/decode + 1/encoder))
+TARGET_FLOOR_GPU = 0.75  # annotate / min(decode, encoder)
+TARGET_RSS_GROWTH_MB = 50.0
+# defaults of the sizes, for --quick and for a full run
+QUICK = {"images": 64, "baseline_images": 8, "rss_images": 1000, "rss_first": 300, "big_copies": 16}
+FULL = {"images": 1000, "baseline_images": 50, "rss_images": 10000, "rss_first": 1000, "big_copies": 300}
 
 
-def make_photos(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
-    """Camera-sized JPEGs with smooth gradients plus noise (compress like photos do)."""
-    rng = np.random.default_rng(0)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    paths = []
-    for i in range(count):
-        base = np.stack([xx / w * 255, yy / h * 255, np.full_like(xx, 40.0 * (i % 6))], axis=-1)
-        noisy = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        path = folder / f"photo{i:04d}.jpg"
-        Image.fromarray(noisy).save(path, quality=88)
-        paths.append(path)
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def source_images(folder: Path) -> list[Path]:
+    paths = sorted(p for p in folder.iterdir() if is_image_name(p.name) and not p.name.startswith("."))
+    if not paths:
+        raise SystemExit(f"{folder}: no images in it (give --flickr8k DIR)")
     return paths
 
 
-def full_decode(path: Path, size: int) -> np.ndarray:
-    """decode() without the JPEG draft: what a naive loader does."""
-    with Image.open(path) as image:
-        image.load()
-        return model_pixels(to_rgb(ImageOps.exif_transpose(image)), size)
+def _upscale(source: Path, target: Path) -> None:
+    """One 12 MP copy, written under a temporary name so an interrupted run leaves no half file."""
+    with Image.open(source) as image:
+        big = image.convert("RGB").resize(BIG_SIZE, Image.Resampling.BICUBIC)
+    partial = target.with_name(f".{target.name}.part")
+    big.save(partial, "JPEG", quality=BIG_QUALITY)
+    os.replace(partial, target)
 
 
-def timed(fn, repeat: int = 1) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def big_copies(sources: list[Path], cache: Path, count: int) -> list[Path]:
+    """`count` 4000x3000 JPEG q90 upscales of the first sources, made once into the cache."""
+    folder = cache / f"flickr8k-{BIG_SIZE[0]}x{BIG_SIZE[1]}-q{BIG_QUALITY}"
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [(src, folder / src.name) for src in sources[:count]]
+    missing = [(src, dst) for src, dst in pairs if not dst.exists()]
+    if missing:
+        say(f"making {len(missing)} {BIG_SIZE[0]}x{BIG_SIZE[1]} copies in {folder} (once) ...")
+        # spawn, not fork: this process may already run torch's and onnxruntime's threads
+        with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_upscale, *zip(*missing)))
+    return [dst for _, dst in pairs]
 
 
-def fake_result(i: int) -> CaptionResult:
-    words = "a dog runs on the grass".split()
-    caption = Caption(" ".join(words), -0.5, words, np.full((len(words), 7, 7), 1 / 49, np.float32),
-                      [Alternative(" ".join(words), -0.5), Alternative("a dog", -0.9), Alternative("a cat", -1.2)])
-    return CaptionResult(Path(f"/bench/{i:06d}.jpg"), 1000 + i, 1.0 + i, "ok", 4000, 3000, caption=caption)
+def linked_folder(sources: list[Path], count: int, folder: Path) -> list[Path]:
+    """`count` symlinks with distinct names, cycling over sources (annotate sees distinct files)."""
+    folder.mkdir(parents=True)
+    paths = []
+    for i, source in enumerate(islice(cycle(sources), count)):
+        link = folder / f"{i:06d}_{source.name}"
+        link.symlink_to(source.resolve())
+        paths.append(link)
+    return paths
 
 
-def bench_decode(paths: list[Path], size: int, workers: int) -> None:
-    n = min(len(paths), 12)
-    draft = timed(lambda: [decode(p, size) for p in paths[:n]])
-    full = timed(lambda: [full_decode(p, size) for p in paths[:n]])
-    print(f"decode, per photo:      draft {draft / n * 1000:7.1f} ms   full {full / n * 1000:7.1f} ms"
-          f"   -> draft is {full / draft:4.1f}x faster")
-    inline = timed(lambda: list(decode_many(paths, size, workers=0)))
-    pooled = timed(lambda: list(decode_many(paths, size, workers=workers)))
-    print(f"decode_many, images/s:  in-process {len(paths) / inline:7.1f}"
-          f"   {workers} workers {len(paths) / pooled:7.1f}   -> {inline / pooled:4.2f}x (includes starting them)")
+# ----------------------------------------------------------------------- (a) baseline
 
 
-def bench_store(folder: Path, rows: int, batch: int) -> None:
-    results = [fake_result(i) for i in range(rows)]
-    with Store(folder / "batched.db") as store:
-        batched = timed(lambda: [store.write_batch(results[i:i + batch], "bench@0", 1)
-                                 for i in range(0, rows, batch)])
-        keys = [(r.path, r.size, r.mtime) for r in results]
-        chunked = timed(lambda: [store.already_done(keys[i:i + 256], "bench@0") for i in range(0, rows, 256)])
-        conn = store.db.conn
-        single = timed(lambda: [conn.execute(
-            "select 1 from images where path = ? and size = ? and mtime = ? and model_id = ? and status = 'ok'",
-            (str(p), s, m, "bench@0")).fetchone() for p, s, m in keys])
-    with Store(folder / "per-row.db") as store:
-        per_row = timed(lambda: [store.write_batch([r], "bench@0", 1) for r in results[: rows // 4]]) * 4
-    print(f"store writes, rows/s:   batch of {batch} {rows / batched:9.0f}   commit per row {rows / per_row:9.0f}"
-          f"   -> {per_row / batched:5.1f}x")
-    print(f"resume look-up, keys/s: chunks of 256 {rows / chunked:9.0f}   query per key {rows / single:9.0f}"
-          f"   -> {single / chunked:5.1f}x")
+class SeedBaseline:
+    """sgrvinod caption.py's `caption_image_beam_search`, driven through our model's step.
+
+    Per image: PIL decode of the whole file and resize (no JPEG draft), eager backbone
+    and encoder, then a beam search that keeps k rows, drops finished beams and stops
+    when none is left or at max_length; the best finished caption by length-normalised
+    score wins. Flat indices are split with // (the seed's `/` breaks on new PyTorch).
+    """
+
+    def __init__(self, checkpoint: Path, device: str, beam_size: int, max_length: int,
+                 length_penalty: float) -> None:
+        import torch
+
+        from export.bundle_writer import load_checkpoint, model_from_checkpoint
+        from training.features import PixelsToGrid
+
+        self.torch = torch
+        self.device = torch.device(device)
+        data = load_checkpoint(checkpoint)
+        model, backbone = model_from_checkpoint(data, checkpoint)
+        self.model = model.to(self.device)
+        self.to_grid = PixelsToGrid(backbone).eval().to(self.device)
+        self.size = backbone.spec.image_size
+        self.vocab = list(data["vocab"])
+        self.special = model.cfg.special
+        self.beam_size, self.max_length, self.length_penalty = beam_size, max_length, length_penalty
+
+    def load(self, path: Path) -> np.ndarray:
+        with Image.open(path) as image:
+            return model_pixels(image.convert("RGB"), self.size)  # full decode, then resize
+
+    def encode(self, pixels: np.ndarray) -> tuple:
+        """uint8 [N, S, S, 3] -> features [N, L, E], keys [N, L, A], hidden0 [N, H] (torch)."""
+        with self.torch.no_grad():
+            grid = self.to_grid(self.torch.tensor(pixels, device=self.device))  # [N, L, D]
+            return self.model.encoder(grid)
+
+    def caption(self, path: Path) -> str:
+        features, keys, hidden = self.encode(self.load(path)[None])
+        with self.torch.no_grad():
+            tokens = self._beam_search(features, keys, hidden)
+        return " ".join(self.vocab[t] for t in tokens if t != self.special["end"])
+
+    def _beam_search(self, features, keys, hidden) -> list[int]:
+        torch, F = self.torch, self.torch.nn.functional
+        start, end = self.special["start"], self.special["end"]
+        k = self.beam_size
+        vocab_size = len(self.vocab)
+        features = features.expand(k, -1, -1)  # [k, L, E]
+        keys = keys.expand(k, -1, -1)  # [k, L, A]
+        hidden = hidden.expand(k, -1)  # [k, H]
+        prev = torch.full((k,), start, dtype=torch.long, device=self.device)  # [k]
+        seqs = prev[:, None]  # [k, 1]
+        top = torch.zeros(k, 1, device=self.device)  # [k, 1] running sums of log-probs
+        complete: list[tuple[list[int], float]] = []
+        for step in range(self.max_length):
+            logits, hidden, _ = self.model.step(prev, hidden, features, keys)  # [k, V], [k, H]
+            scores = top + F.log_softmax(logits, dim=1)  # [k, V]
+            flat = scores[0] if step == 0 else scores.view(-1)  # at step 0 all k rows are the same
+            top_scores, top_ids = flat.topk(k)  # [k]
+            beam, word = top_ids // vocab_size, top_ids % vocab_size
+            seqs = torch.cat([seqs[beam], word[:, None]], dim=1)  # [k, step + 2]
+            ended = word == end
+            complete += zip(seqs[ended].tolist(), top_scores[ended].tolist())
+            keep = ~ended
+            k = int(keep.sum())
+            if k == 0:
+                break
+            seqs, top, prev = seqs[keep], top_scores[keep][:, None], word[keep]
+            rows = beam[keep]
+            hidden, features, keys = hidden[rows], features[rows], keys[rows]
+        if not complete:  # nothing reached <end> within max_length: take the running beams
+            complete = list(zip(seqs.tolist(), top[:, 0].tolist()))
+        best, _ = max(complete, key=lambda c: c[1] / max(1, len(c[0]) - 1) ** self.length_penalty)
+        return best[1:]
+
+    def same_weights(self, captioner: Captioner, pixels: np.ndarray) -> dict[str, float]:
+        """Largest differences between this model and the bundle on one image: proves the
+        baseline runs the bundle's weights (a mismatch makes every ratio meaningless)."""
+        torch = self.torch
+        features, keys, hidden0 = self.encode(pixels)  # torch, on self.device
+        token = np.full((pixels.shape[0],), self.special["start"], dtype=np.int64)
+        with torch.no_grad():
+            logits, _, _ = self.model.step(torch.from_numpy(token).to(self.device), hidden0, features, keys)
+            ours_step = torch.log_softmax(logits, dim=1).cpu().numpy()  # [N, V]
+        theirs = captioner.encode(pixels)  # features, keys, hidden0 (numpy)
+        theirs_step = captioner.step(token, theirs[2], theirs[0], theirs[1])[0]  # [N, V]
+        return {"features": float(np.abs(features.cpu().numpy() - theirs[0]).max()),
+                "hidden0": float(np.abs(hidden0.cpu().numpy() - theirs[2]).max()),
+                "logprobs": float(np.abs(ours_step - theirs_step).max())}
 
 
-def bench_annotate(folder: Path, model: Path, workers: int, batch: int) -> None:
-    from caption_cli.bundle import load_bundle
-    from caption_cli.captioner import Captioner
-
-    captioner = Captioner(load_bundle(model), device="auto")
-    count = sum(1 for _ in walk([folder]))
-    options = AnnotateOptions(batch_size=batch, workers=workers)
-    with Store(folder.parent / "annotate.db") as store:
-        cold = annotate([folder], captioner, store, options)
-        warm = annotate([folder], captioner, store, options)
-    print(f"annotate {count} photos on {captioner.device}: {cold.images_per_second:.1f} images/s"
-          f" ({cold.seconds:.1f} s); resumed run skipped {warm.skipped} in {warm.seconds:.2f} s")
+def baseline_rate(baseline: SeedBaseline, paths: list[Path]) -> tuple[float, list[str]]:
+    """Images/s of the baseline, and its captions (to compare with what annotate stored)."""
+    baseline.caption(paths[0])  # warm-up: first-call allocations, lazy initialisation
+    started = time.perf_counter()
+    captions = [baseline.caption(path) for path in paths]
+    if baseline.device.type == "cuda":
+        baseline.torch.cuda.synchronize()
+    return len(paths) / (time.perf_counter() - started), captions
 
 
-def main() -> None:
+def same_captions(db: Path, paths: list[Path], captions: list[str]) -> int:
+    """How many baseline captions equal annotate's (a check that both did the same work;
+    12 MP files may differ a little, as annotate decodes them with JPEG draft scaling)."""
+    with Store(db) as store:
+        stored = [(store.get_image(path) or {}).get("caption") for path in paths]
+    return sum(a == b for a, b in zip(stored, captions))
+
+
+# -------------------------------------------------------------------------- (c) floor
+
+
+def decode_rate(paths: list[Path], size: int, workers: int, keep: int) -> tuple[float, np.ndarray]:
+    """Images/s of decode_many alone, and the first `keep` decoded pixel arrays."""
+    kept: list[np.ndarray] = []
+    failed = 0
+    started = time.perf_counter()
+    for decoded in decode_many(paths, size, workers):
+        if decoded.error:
+            failed += 1
+        elif len(kept) < keep:
+            kept.append(decoded.pixels)
+    seconds = time.perf_counter() - started
+    if failed:
+        say(f"  warning: {failed} of {len(paths)} files failed to decode")
+    return len(paths) / seconds, np.stack(kept)
+
+
+def model_rate(run, pixels: np.ndarray, batch: int, total: int) -> float:
+    """Images/s of `run(batch of pixels)` over `total` images, cycling the decoded pixels."""
+    batches = [pixels[i:i + batch] for i in range(0, len(pixels) - batch + 1, batch)] or [pixels]
+    run(batches[0])  # warm-up
+    done = 0
+    started = time.perf_counter()
+    for chunk in cycle(batches):
+        if done >= total:
+            break
+        run(chunk)
+        done += len(chunk)
+    return done / (time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------------ (b) annotate
+
+
+def annotate_rate(folder: Path, captioner: Captioner, options: AnnotateOptions, db: Path) -> dict:
+    with Store(db) as store:
+        summary = annotate([folder], captioner, store, options)
+    if summary.failed:
+        say(f"  warning: annotate failed on {summary.failed} files")
+    return {"rate": summary.images_per_second, "captioned": summary.captioned, "failed": summary.failed,
+            "seconds": summary.seconds}
+
+
+# -------------------------------------------------------------------------- (d) memory
+
+
+def _status_mb(pid: str, field: str) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return 0.0
+
+
+def memory_now() -> dict[str, float]:
+    """Peak and current RSS of this process, and the current RSS of its decoder workers (MB)."""
+    if not Path("/proc/self/status").exists():  # not Linux: peak only, from getrusage
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"peak_mb": peak / (1 << 20 if sys.platform == "darwin" else 1024), "rss_mb": 0.0, "workers_mb": 0.0}
+    children = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:
+            continue
+    return {"peak_mb": _status_mb("self", "VmHWM"), "rss_mb": _status_mb("self", "VmRSS"),
+            "workers_mb": sum(_status_mb(pid, "VmRSS") for pid in children)}
+
+
+def rss_child(spec: dict) -> None:
+    """Runs in a fresh process (no torch, nothing from the other parts): annotate the
+    folder, sampling memory once `first` files are done and again at the end."""
+    captioner = Captioner(load_bundle(spec["model"]), spec["device"], SearchOptions(beam_size=spec["beam"]))
+    samples: dict[str, Any] = {"workers_max_mb": 0.0}
+    done = 0
+
+    def on_result(_result) -> None:
+        nonlocal done
+        done += 1
+        if done in (spec["first"], spec["total"]) or done % 1000 == 0:
+            memory = memory_now()
+            samples["workers_max_mb"] = max(samples["workers_max_mb"], memory["workers_mb"])
+            if done == spec["first"]:
+                samples["first"] = {"images": done, **memory}
+            if done == spec["total"]:
+                samples["last"] = {"images": done, **memory}
+            print(f"  rss: {done}/{spec['total']} images, peak {memory['peak_mb']:.0f} MB", file=sys.stderr,
+                  flush=True)
+
+    options = AnnotateOptions(batch_size=spec["batch"], workers=spec["workers"])
+    with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "rss.db") as store:
+        summary = annotate([spec["folder"]], captioner, store, options, on_result=on_result)
+    samples.setdefault("last", {"images": done, **memory_now()})  # fewer files than expected
+    samples["rate"] = summary.images_per_second
+    samples["failed"] = summary.failed
+    print(json.dumps(samples), flush=True)
+
+
+def rss_run(folder: Path, args: argparse.Namespace, first: int, total: int) -> dict:
+    spec = {"folder": str(folder), "model": str(args.model), "device": args.device, "beam": args.beam,
+            "batch": args.batch_size, "workers": args.workers, "first": first, "total": total}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rss-child", json.dumps(spec)],
+                          stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the memory run failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -------------------------------------------------------------------------- reporting
+
+
+@dataclass
+class Target:
+    name: str
+    value: float
+    threshold: float
+    kind: str  # ">=" or "<"
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.threshold if self.kind == ">=" else self.value < self.threshold
+
+    def line(self, unit: str = "") -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return f"  {self.name:<34} {self.value:8.2f}{unit:<3} (target {self.kind} {self.threshold:g}{unit})  {verdict}"
+
+
+def floor_of(decode: float, encoder: float, device: str) -> tuple[float, str]:
+    if device == "cuda":
+        return min(decode, encoder), "min(decode, encoder): GPU encoder runs beside the CPU decoders"
+    return 1 / (1 / decode + 1 / encoder), "1/(1/decode + 1/encoder): both share the CPU cores"
+
+
+def run_set(label: str, sources: list[Path], args: argparse.Namespace, captioner: Captioner,
+            baseline: SeedBaseline | None, tmp: Path) -> tuple[dict, list[Target]]:
+    """Parts (a), (b), (c) on one image set; prints as it goes."""
+    size = captioner.bundle.image_size
+    say(f"\n== {label}: {args.images} files (cycling {len(sources)} distinct images) ==")
+    paths = linked_folder(sources, args.images, tmp / label)
+    result: dict[str, Any] = {"files": args.images, "distinct": len(sources)}
+
+    decode, pixels = decode_rate(paths, size, args.workers, keep=max(args.batch_size, 256))
+    say(f"(c) decode + resize only     {decode:8.1f} img/s   images.decode_many, {args.workers} workers")
+    encoder = model_rate(captioner.encode, pixels, args.batch_size, args.images)
+    say(f"(c) encoder only             {encoder:8.1f} img/s   encoder.onnx on {captioner.device}, "
+        f"batches of {args.batch_size}")
+    floor, how = floor_of(decode, encoder, captioner.device)
+    say(f"    floor                    {floor:8.1f} img/s   {how}")
+    model_only = model_rate(captioner.caption, pixels, args.batch_size, min(args.images, len(pixels)))
+    say(f"    (info) encoder + beam    {model_only:8.1f} img/s   Captioner.caption on decoded batches")
+
+    options = AnnotateOptions(batch_size=args.batch_size, workers=args.workers)
+    annotated = annotate_rate(tmp / label, captioner, options, tmp / f"{label}.db")
+    say(f"(b) annotate                 {annotated['rate']:8.1f} img/s   {annotated['captioned']} captioned, "
+        f"{annotated['failed']} failed in {annotated['seconds']:.1f} s")
+
+    result.update(decode=decode, encoder=encoder, floor=floor, floor_rule=how, encoder_and_beam=model_only,
+                  annotate=annotated)
+    floor_target = TARGET_FLOOR_GPU if captioner.device == "cuda" else TARGET_FLOOR_CPU
+    targets = [Target(f"{label}: annotate / floor", annotated["rate"] / floor, floor_target, ">=")]
+    if baseline is not None:
+        count = min(args.baseline_images, len(paths))
+        rate, captions = baseline_rate(baseline, paths[:count])
+        same = same_captions(tmp / f"{label}.db", paths[:count], captions)
+        say(f"(a) seed-style baseline      {rate:8.1f} img/s   {count} images one at a time, "
+            f"eager PyTorch on {baseline.device.type}; {same}/{count} captions identical to annotate's")
+        result["baseline"] = {"rate": rate, "images": count, "device": baseline.device.type,
+                              "same_captions": same}
+        targets.insert(0, Target(f"{label}: annotate / baseline", annotated["rate"] / rate, TARGET_BASELINE, ">="))
+    else:
+        say("(a) seed-style baseline      skipped: give --checkpoint (the checkpoint the bundle came from)")
+    for target in targets:
+        say(target.line("x"))
+    return result, targets
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=int, default=48)
-    parser.add_argument("--photo-size", type=int, nargs=2, default=(3000, 2000), metavar=("W", "H"))
-    parser.add_argument("--size", type=int, default=224, help="model image size")
-    parser.add_argument("--workers", type=int, default=default_workers())
-    parser.add_argument("--rows", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--model", type=Path, help="a bundle folder: also time annotate end to end")
-    args = parser.parse_args()
+    parser.add_argument("--model", type=Path, help="model bundle folder (default: the shipped bundle)")
+    parser.add_argument("--checkpoint", type=Path, help="training checkpoint the bundle was exported from "
+                        "(for the PyTorch baseline; without it the baseline is skipped)")
+    parser.add_argument("--images", type=int, help="files for the throughput parts (default 1000; quick 64)")
+    parser.add_argument("--baseline-images", type=int, help="images for the slow baseline (default 50; quick 8)")
+    parser.add_argument("--rss-images", type=int, help="files for the memory run (default 10000; quick 1000); "
+                        "0 skips it")
+    parser.add_argument("--rss-first", type=int, help="files after which peak RSS is first sampled "
+                        "(default 1000; quick 300); the growth is measured from there to --rss-images")
+    parser.add_argument("--big", action="store_true", help="also run on 4000x3000 JPEG q90 copies")
+    parser.add_argument("--big-copies", type=int, help="distinct 12 MP copies to make/reuse (default 300; quick 16)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke-test run (64 images, memory 300/1000)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--beam", type=int, help="beam size for annotate and the baseline (default: the bundle's)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="decoder processes (annotate's default)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per model call (annotate's default)")
+    parser.add_argument("--flickr8k", type=Path, default=DEFAULT_FLICKR8K, help="folder of Flickr8k JPEGs")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the 12 MP copies are kept")
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    parser.add_argument("--rss-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        return args
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.rss_images and not 1 <= args.rss_first < args.rss_images:
+        args.rss_first = max(1, args.rss_images // 10)
+    args.model = args.model or DEFAULT_BUNDLE_DIR
+    if not (args.model / "model.json").is_file():
+        parser.error(f"--model {args.model}: no model bundle there (model.json missing)")
+    if args.checkpoint and not args.checkpoint.is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    if not args.flickr8k.is_dir():
+        parser.error(f"--flickr8k {args.flickr8k}: no such folder")
+    if min(args.images, args.baseline_images, args.big_copies) < 1 or args.rss_images < 0 or args.batch_size < 1:
+        parser.error("--images, --baseline-images, --big-copies, --batch-size must be >= 1, --rss-images >= 0")
+    return args
 
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "photos"
-        folder.mkdir()
-        paths = make_photos(folder, args.photos, tuple(args.photo_size))
-        print(f"{len(paths)} JPEGs of {args.photo_size[0]}x{args.photo_size[1]}, model size {args.size}, "
-              f"sqlite {sqlite3.sqlite_version}")
-        bench_decode(paths, args.size, args.workers)
-        bench_store(Path(tmp), args.rows, args.batch_size)
-        if args.model:
-            bench_annotate(folder, args.model, args.workers, args.batch_size)
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.rss_child:
+        rss_child(json.loads(args.rss_child))
+        return
+    bundle = load_bundle(args.model)
+    captioner = Captioner(bundle, args.device, SearchOptions(beam_size=args.beam))
+    options = captioner.options
+    args.beam = options.beam_size
+    machine = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+               "processor": platform.processor()}
+    say(f"model    {bundle.model_id}  ({args.model})")
+    say(f"device   {captioner.device}  providers {', '.join(captioner.providers)}")
+    say(f"machine  {machine['cpus']} CPUs, {machine['platform']}; load average "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    say(f"search   beam {options.beam_size}, max_length {options.max_length}, length_penalty "
+        f"{options.length_penalty}; annotate batch {args.batch_size}, {args.workers} decoder workers")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "rss_child"}
+    report: dict[str, Any] = {"model": bundle.model_id, "bundle": str(args.model), "device": captioner.device,
+                              "providers": captioner.providers, "machine": machine, "args": settings, "sets": {}}
+
+    sources = source_images(args.flickr8k)
+    baseline = None
+    if args.checkpoint:
+        import torch
+
+        device = "cuda" if captioner.device == "cuda" and torch.cuda.is_available() else "cpu"
+        if captioner.device == "cuda" and device == "cpu":
+            say("note     this torch build has no CUDA: the baseline runs on the CPU, the ratio is not like for like")
+        baseline = SeedBaseline(args.checkpoint, device, options.beam_size, options.max_length,
+                                options.length_penalty)
+        probe = baseline.load(sources[0])[None]
+        diffs = baseline.same_weights(captioner, probe)
+        same = diffs["logprobs"] < 1e-2 and diffs["features"] < 1e-2
+        say(f"weights  checkpoint vs bundle, max |diff|: features {diffs['features']:.1e}, hidden0 "
+            f"{diffs['hidden0']:.1e}, step log-probs {diffs['logprobs']:.1e}  "
+            f"{'same' if same else 'DIFFERENT: the bundle was not exported from this checkpoint'}")
+        report["weights_diff"] = diffs
+
+    targets: list[Target] = []
+    with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        sets = [("flickr8k-224", sources)]
+        if args.big:
+            sets.append(("12mp", big_copies(sources, args.cache, args.big_copies)))
+        for label, images in sets:
+            result, found = run_set(label, images, args, captioner, baseline, tmp)
+            report["sets"][label] = result
+            targets += found
+
+        if args.rss_images:
+            say(f"\n== (d) memory: annotate over {args.rss_images} files in a fresh process ==")
+            folder = tmp / "rss"
+            linked_folder(sources, args.rss_images, folder)
+            memory = rss_run(folder, args, args.rss_first, args.rss_images)
+            last = memory["last"]
+            first = memory.get("first", last)  # absent only if fewer files than --rss-first were captioned
+            for sample in (first, last):
+                say(f"after {sample['images']:>6} images: peak RSS {sample['peak_mb']:7.1f} MB, "
+                    f"now {sample['rss_mb']:7.1f} MB")
+            say(f"child processes (decoder workers), largest sampled total: {memory['workers_max_mb']:.1f} MB; "
+                f"annotate rate in that run: {memory['rate']:.1f} img/s, {memory['failed']} failed")
+            report["rss"] = memory
+            growth = Target(f"peak RSS growth {first['images']} -> {last['images']}",
+                            last["peak_mb"] - first["peak_mb"], TARGET_RSS_GROWTH_MB, "<")
+            say(growth.line(" MB"))
+            targets.append(growth)
+
+    passed = sum(t.passed for t in targets)
+    say(f"\n== targets: {passed}/{len(targets)} PASS ==")
+    for target in targets:
+        say(target.line(" MB" if target.kind == "<" else "x"))
+    report["targets"] = [{**asdict(t), "passed": t.passed} for t in targets]
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        say(f"numbers written to {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CaptionCliError as exc:  # a bad bundle or checkpoint, a device that cannot start
+        raise SystemExit(f"error: {exc}") from None
