@@ -164,3 +164,27 @@ def test_torchrun_ddp_with_two_cpu_processes(shapes: dict[str, Path], tmp_path: 
     checkpoint = torch.load(out / "last.pt", weights_only=True)
     # 8 images, 1 caption each, 2 captions per batch per rank: 2 steps per epoch on each of 2 ranks
     assert (checkpoint["epoch"], checkpoint["step"]) == (2, 4)
+
+
+def test_average_checkpoints_means_the_weights(tmp_path: Path) -> None:
+    from training.average import average_checkpoints
+    from training.model import ModelConfig, ShowAttendTell
+
+    cfg = ModelConfig(vocab_size=9, feature_dim=8, grid=(2, 2), encoder_dim=8, attention_dim=8, hidden_dim=8,
+                      embed_dim=8)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"{seed}.pt"
+        torch.save({"model": ShowAttendTell(cfg).state_dict(), "model_config": cfg.to_dict(), "vocab": ["x"] * 9,
+                    "epoch": seed, "optimizer": {}}, path)
+        paths.append(path)
+    out = average_checkpoints(paths, tmp_path / "avg.pt")
+    a, b, avg = (torch.load(p, weights_only=True) for p in (*paths, out))
+    name = "step.gru.weight_hh"
+    assert torch.allclose(avg["model"][name], (a["model"][name] + b["model"][name]) / 2)
+    assert avg["epoch"] == 1 and "optimizer" not in avg
+    other = dict(b, model_config={**cfg.to_dict(), "hidden_dim": 16})
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt is from another model"):
+        average_checkpoints([paths[0], tmp_path / "other.pt"], tmp_path / "x.pt")
