@@ -23,7 +23,7 @@ import torch
 
 from caption_cli.errors import CaptionCliError
 from export.onnx_export import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, IR_VERSION,
-                                OPSET, export_decoder, export_encoder)
+                                OPSET, export_decoder, export_encoder, half_decoder_reference)
 from export.parity import ParityError, check_parity, probe_pixels
 from training.backbone import EfficientNetLite, load_backbone
 from training.model import ModelConfig, ShowAttendTell
@@ -61,8 +61,15 @@ def _check_parts(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Seque
         raise ExportError(f"model's special token ids {cfg.special} differ from the bundle's {expected}")
 
 
+def _check_search(search: dict) -> None:
+    unknown = sorted(set(search) - set(DEFAULT_SEARCH))
+    if unknown:
+        raise ExportError(f"unknown search option {', '.join(map(repr, unknown))}; "
+                          f"model.json's search options are {', '.join(DEFAULT_SEARCH)}")
+
+
 def _model_json(model: ShowAttendTell, backbone: EfficientNetLite, folder: Path, *, name: str, max_length: int,
-                search: dict, training: dict, scores: dict) -> dict:
+                search: dict, training: dict, scores: dict, half_decoder: bool) -> dict:
     cfg, spec = model.cfg, backbone.spec
     return {
         "format": FORMAT,
@@ -79,7 +86,7 @@ def _model_json(model: ShowAttendTell, backbone: EfficientNetLite, folder: Path,
         "files": dict(FILES),
         "tensors": {"encoder": {"inputs": ENCODER_INPUTS, "outputs": ENCODER_OUTPUTS},
                     "decoder": {"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS}},
-        "onnx": {"opset": OPSET, "ir_version": IR_VERSION},
+        "onnx": {"opset": OPSET, "ir_version": IR_VERSION, "decoder_weights": "float16" if half_decoder else "float32"},
         "training": training,
         "scores": scores,
         "sha256": {filename: sha256_file(folder / filename) for filename in FILES.values()},
@@ -108,15 +115,20 @@ def _replace_dir(ready: Path, out_dir: Path) -> None:
 
 def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Sequence[str], out_dir: Path, *,
                  name: str, max_length: int, search: dict | None = None, training: dict | None = None,
-                 scores: dict | None = None, verify: Callable[[Path], Any] | None = None) -> Path:
+                 scores: dict | None = None, verify: Callable[[Path], Any] | None = None,
+                 half_decoder: bool = False) -> Path:
     """Write the bundle to `out_dir` atomically and return its path.
 
     max_length: most tokens the search may generate per caption, <end> included.
+    search: overrides of the default search options (beam_size, length_penalty, alternatives).
+    half_decoder: store decoder.onnx's large weights as float16 (about half its size; it still
+    computes in float32). The graph then matches half_decoder_reference(model), not `model`.
     verify: called with the finished temporary folder before it is moved into place;
     raising there (e.g. a failed parity check) leaves `out_dir` as it was.
     """
     out_dir = Path(out_dir).absolute()
     _check_parts(model, backbone, vocab)
+    _check_search(search or {})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     umask = os.umask(0)
@@ -124,10 +136,10 @@ def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Seque
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the bundle private to its writer
     try:
         export_encoder(model, backbone, tmp / FILES["encoder"])
-        export_decoder(model, tmp / FILES["decoder"])
+        export_decoder(model, tmp / FILES["decoder"], half_weights=half_decoder)
         (tmp / FILES["vocab"]).write_text(json.dumps(list(vocab), ensure_ascii=False), encoding="utf-8")
         meta = _model_json(model, backbone, tmp, name=name, max_length=max_length, search=search or {},
-                           training=training or {}, scores=scores or {})
+                           training=training or {}, scores=scores or {}, half_decoder=half_decoder)
         text = json.dumps(meta, indent=2, ensure_ascii=False, default=str)  # str(): Paths in a train config
         (tmp / "model.json").write_text(text + "\n", encoding="utf-8")
         if verify is not None:
@@ -195,8 +207,13 @@ def default_name(data: dict) -> str:
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, *, name: str | None = None, scores: dict | None = None,
-                      check: bool = True) -> Path:
+                      check: bool = True, half_decoder: bool = False, search: dict | None = None) -> Path:
     """Build a bundle from a training checkpoint; with `check`, refuse one that fails parity.
+
+    half_decoder: float16 decoder weights (see write_bundle); parity is then checked against
+    the float16-rounded PyTorch model, which the graph matches exactly.
+    search: model.json's default search options (beam_size, length_penalty, alternatives);
+    None keeps DEFAULT_SEARCH.
 
     Raises ExportError for an unusable checkpoint or destination, ParityError when the
     ONNX graphs disagree with PyTorch (out_dir is then left untouched).
@@ -211,14 +228,19 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, name: str | None = Non
         "epochs": data.get("epoch"), "step": data.get("step"), "config": data.get("train_config") or {},
     }
 
+    try:
+        reference = half_decoder_reference(model) if half_decoder else model
+    except ValueError as exc:  # a weight beyond float16's range
+        raise ExportError(f"{checkpoint}: {exc}") from None
+
     def verify(folder: Path) -> None:
-        report = check_parity(model, backbone, folder, probe_pixels(backbone.spec.image_size))
+        report = check_parity(reference, backbone, folder, probe_pixels(backbone.spec.image_size))
         if not report.ok:
             raise ParityError(f"{checkpoint}: ONNX export disagrees with PyTorch; {report.summary()}")
 
     return write_bundle(
         model, backbone, list(data["vocab"]), out_dir, name=name or default_name(data),
         max_length=model.cfg.max_length - 1,  # cfg counts <start>; the search generates the rest
-        training=training, scores=scores if scores is not None else data.get("scores"),
-        verify=verify if check else None,
+        search=search, training=training, scores=scores if scores is not None else data.get("scores"),
+        verify=verify if check else None, half_decoder=half_decoder,
     )

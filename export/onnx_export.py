@@ -7,6 +7,12 @@ The runtime drives the decoder step by step (beam search), so the graphs hold no
 Both are written at opset 17 and IR version 8: onnxruntime 1.17, the oldest runtime
 pyproject allows, loads up to IR 9 / opset 20, and 17 is the newest opset the
 TorchScript exporter covers fully (LayerNorm is a single node from 17 on).
+
+decoder.onnx may store its large weights as float16 (`half_weights`) while computing in
+float32: each such initializer is followed by a Cast to float32, which onnxruntime folds
+at load time. The weights are rounded to float16 in PyTorch before the trace, so the
+graph and `half_decoder_reference(model)` hold bit-identical values and parity stays exact.
+The encoder stays float32: its BatchNorms are folded into the convolutions on export.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ import copy
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,12 +32,16 @@ from training.backbone import EfficientNetLite
 from training.features import PixelsToGrid
 from training.model import ShowAttendTell
 
+if TYPE_CHECKING:
+    import onnx
+
 OPSET = 17
 IR_VERSION = 8
 ENCODER_INPUTS = ["pixels"]
 ENCODER_OUTPUTS = ["features", "keys", "hidden0"]
 DECODER_INPUTS = ["token", "hidden", "features", "keys"]
 DECODER_OUTPUTS = ["logprobs", "hidden_out", "attention"]
+HALF_MIN_ELEMENTS = 1024  # smaller tensors (biases) stay float32: a Cast node there saves almost nothing
 
 
 class EncoderGraph(nn.Module):
@@ -66,6 +77,65 @@ def _frozen_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
+def _round_to_half_(module: nn.Module) -> None:
+    """Round every parameter of `module` to a float16-representable value, in place, kept float32."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            rounded = param.data.half().float()
+            if (torch.isfinite(param.data) & ~torch.isfinite(rounded)).any():
+                raise ValueError(f"decoder weight {name} exceeds the float16 range (|w| > 65504); "
+                                 "export it with float32 weights")
+            param.data = rounded
+
+
+def half_decoder_reference(model: ShowAttendTell) -> ShowAttendTell:
+    """A deep copy of `model` whose decoder step holds float16-rounded weights (still float32).
+
+    This is the PyTorch twin of a decoder.onnx written with half_weights=True: parity
+    checks compare against it, since rounding moves logprobs by far more than 1e-4.
+    """
+    clone = copy.deepcopy(model)
+    _round_to_half_(clone.step)
+    return clone
+
+
+def store_weights_as_half(proto: onnx.ModelProto, min_elements: int = HALF_MIN_ELEMENTS) -> list[str]:
+    """Store each float32 initializer of more than `min_elements` as float16 + Cast(to=FLOAT).
+
+    The Cast produces the original name, so the rest of the graph is untouched; the casts
+    go first in the node list (they depend on initializers only). A tensor whose values
+    float16 cannot hold exactly (e.g. one the exporter folded from rounded weights) stays
+    float32, so the graph computes exactly what it did before. Returns the converted names.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    fed = {v.name for v in graph.input}  # an initializer that is also an input can be overridden: leave it
+    taken = fed | {i.name for i in graph.initializer} | {out for node in graph.node for out in node.output}
+    casts, converted = [], []
+    for init in graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or init.name in fed:
+            continue
+        values = numpy_helper.to_array(init)
+        half = values.astype(np.float16)
+        if values.size <= min_elements or not np.array_equal(half.astype(np.float32), values):
+            continue
+        stored = f"{init.name}.float16"
+        while stored in taken:
+            stored += "_"
+        taken.add(stored)
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, stored))
+        casts.append(onnx.helper.make_node("Cast", [stored], [name], name=f"{name}.to_float32",
+                                           to=onnx.TensorProto.FLOAT))
+        converted.append(name)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return converted
+
+
 @contextmanager
 def _quiet_trace() -> Iterator[None]:
     """Silence the tracer's expected notes (S is a constant per bundle by design)."""
@@ -80,11 +150,12 @@ def _quiet_trace() -> Iterator[None]:
         yield
 
 
-def _finish(path: Path, shapes: dict[str, list[int | str]]) -> None:
+def _finish(path: Path, shapes: dict[str, list[int | str]], half_weights: bool = False) -> None:
     """Name every output dimension, pin the IR version old runtimes accept, run onnx's checker.
 
     The tracer leaves L as an anonymous symbol after the grid's reshape; writing the
     real shapes makes the file self-describing for anyone who opens it in Netron.
+    half_weights: store the large weights as float16 (see store_weights_as_half).
     """
     import onnx
 
@@ -97,6 +168,8 @@ def _finish(path: Path, shapes: dict[str, list[int | str]]) -> None:
                 dim.dim_param = size
             else:
                 dim.dim_value = size
+    if half_weights:
+        store_weights_as_half(proto)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
 
@@ -116,9 +189,16 @@ def export_encoder(model: ShowAttendTell, backbone: EfficientNetLite, path: Path
     return path
 
 
-def export_decoder(model: ShowAttendTell, path: Path) -> Path:
-    """Write decoder.onnx: one step, dynamic B (images x beams)."""
+def export_decoder(model: ShowAttendTell, path: Path, *, half_weights: bool = False) -> Path:
+    """Write decoder.onnx: one step, dynamic B (images x beams).
+
+    half_weights: round the step's weights to float16 and store the large ones as float16
+    (about half the file); the graph still computes in float32, exactly like
+    half_decoder_reference(model). The caller's model is never changed.
+    """
     graph = _frozen_copy(DecoderGraph(model))
+    if half_weights:
+        _round_to_half_(graph.step)  # the copy's weights: graph and reference share exact values
     cfg = model.cfg
     L = cfg.grid[0] * cfg.grid[1]
     B = 3  # an odd size in the trace, so no dimension can be mistaken for a constant 1
@@ -134,5 +214,5 @@ def export_decoder(model: ShowAttendTell, path: Path) -> Path:
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     _finish(path, {"token": ["B"], "hidden": ["B", cfg.hidden_dim], "features": ["B", L, cfg.encoder_dim],
                    "keys": ["B", L, cfg.attention_dim], "logprobs": ["B", cfg.vocab_size],
-                   "hidden_out": ["B", cfg.hidden_dim], "attention": ["B", L]})
+                   "hidden_out": ["B", cfg.hidden_dim], "attention": ["B", L]}, half_weights=half_weights)
     return path

@@ -17,6 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from export import bundle_writer  # noqa: E402
 from export.bundle_writer import ExportError, export_checkpoint, write_bundle  # noqa: E402
+from export.onnx_export import export_decoder, half_decoder_reference, store_weights_as_half  # noqa: E402
 from export.parity import TOLERANCE, ParityError, check_parity, probe_pixels  # noqa: E402
 from tests.conftest import TINY_IMAGE_SIZE, TINY_MAX_LENGTH, TINY_SEARCH, TINY_VOCAB, TinyParts  # noqa: E402
 
@@ -49,7 +50,7 @@ def test_model_json_fields(tiny_bundle: Path) -> None:
         "tensors": {"encoder": {"inputs": ["pixels"], "outputs": ["features", "keys", "hidden0"]},
                     "decoder": {"inputs": ["token", "hidden", "features", "keys"],
                                 "outputs": ["logprobs", "hidden_out", "attention"]}},
-        "onnx": {"opset": 17, "ir_version": 8},
+        "onnx": {"opset": 17, "ir_version": 8, "decoder_weights": "float32"},
         "training": {"dataset": "tiny-random", "split": "train", "images": 0, "captions": 0, "epochs": 0,
                      "config": {}},
         "scores": {"split": "none", "engine": "none"},
@@ -363,3 +364,135 @@ def test_write_bundle_checks_the_vocabulary(tiny_parts: TinyParts, tmp_path: Pat
     with pytest.raises(ExportError, match=message):
         write_bundle(tiny_parts.model, tiny_parts.backbone, vocab, tmp_path / "b", name="t", max_length=5)
     assert not list(tmp_path.iterdir())
+
+
+# --- float16 decoder weights --------------------------------------------------------------
+
+HALF_VOCAB = TINY_VOCAB + [f"w{i}" for i in range(600 - len(TINY_VOCAB))]  # V=600
+
+
+@pytest.fixture(scope="module")
+def half_parts(tiny_parts: TinyParts) -> TinyParts:
+    """A random model with several > 1024-element decoder tensors (V=600, H=64) on the tiny backbone."""
+    import dataclasses
+
+    from training.model import ShowAttendTell
+
+    cfg = dataclasses.replace(tiny_parts.model.cfg, vocab_size=len(HALF_VOCAB), hidden_dim=64)
+    torch.manual_seed(3)
+    model = ShowAttendTell(cfg).eval().requires_grad_(False)
+    return TinyParts(model, tiny_parts.backbone, list(HALF_VOCAB))
+
+
+@pytest.fixture(scope="module")
+def half_bundle(half_parts: TinyParts, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_bundle(half_parts.model, half_parts.backbone, half_parts.vocab,
+                        tmp_path_factory.mktemp("half") / "bundle", name="half", max_length=TINY_MAX_LENGTH,
+                        search={"beam_size": 4}, half_decoder=True)
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def test_half_decoder_stores_rounded_weights_as_float16(half_parts: TinyParts, half_bundle: Path,
+                                                        tmp_path: Path) -> None:
+    proto = onnx.load(str(half_bundle / "decoder.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.ir_version == 8
+    assert {o.domain: o.version for o in proto.opset_import} == {"": 17}
+    stored = _initializers(half_bundle / "decoder.onnx")
+    assert {name: a.dtype for name, a in stored.items() if a.size > 1024} == {
+        f"step.{name}.float16": np.float16 for name in
+        ("embed.weight", "attention.query.weight", "gate.weight", "gru.weight_ih", "gru.weight_hh", "out.weight")}
+    assert all(a.dtype == np.float32 for a in stored.values() if a.size <= 1024)
+    # each one is cast back under its old name, ahead of the nodes that read it
+    casts = [n for n in proto.graph.node if n.op_type == "Cast" and n.input[0].endswith(".float16")]
+    assert list(proto.graph.node)[:len(casts)] == casts
+    assert {(n.input[0], n.output[0]) for n in casts} == {(k, k.removesuffix(".float16")) for k, a in stored.items()
+                                                         if a.dtype == np.float16}
+    assert all(onnx.helper.get_attribute_value(n.attribute[0]) == onnx.TensorProto.FLOAT for n in casts)
+    # the values are exactly the rounded PyTorch weights; the caller's model keeps its own
+    rounded = half_decoder_reference(half_parts.model).state_dict()
+    for name, values in stored.items():
+        key = name.removesuffix(".float16")
+        if key in rounded:
+            np.testing.assert_array_equal(values.astype(np.float32), rounded[key].numpy())
+    weight = half_parts.model.step.out.weight
+    assert not torch.equal(weight, weight.half().float())
+    # same inputs and outputs as the float32 graph, in about half the bytes
+    full = export_decoder(half_parts.model, tmp_path / "decoder32.onnx")
+    io = lambda m: [(v.name, v.type) for v in list(m.graph.input) + list(m.graph.output)]  # noqa: E731
+    assert io(proto) == io(onnx.load(str(full)))
+    assert (half_bundle / "decoder.onnx").stat().st_size < 0.6 * full.stat().st_size
+
+
+def test_half_decoder_parity_with_the_rounded_model(half_parts: TinyParts, half_bundle: Path) -> None:
+    meta = json.loads((half_bundle / "model.json").read_text())
+    assert meta["onnx"] == {"opset": 17, "ir_version": 8, "decoder_weights": "float16"}
+    assert meta["search"] == {"beam_size": 4, "length_penalty": 0.7, "alternatives": 3}
+    reference = half_decoder_reference(half_parts.model)
+    report = check_parity(reference, half_parts.backbone, half_bundle, probe_pixels(TINY_IMAGE_SIZE, 7, seed=5))
+    assert report.ok, report.summary()
+    assert report.max_abs_hidden < TOLERANCE and report.max_abs_attention < TOLERANCE
+    assert report.same_tokens
+    # why the reference must be rounded: float16 weights alone move logprobs past the limit
+    assert not check_parity(half_parts.model, half_parts.backbone, half_bundle,
+                            probe_pixels(TINY_IMAGE_SIZE, 7, seed=5)).ok
+
+
+def test_half_decoder_bundle_captions_with_the_runtime(half_parts: TinyParts, half_bundle: Path) -> None:
+    """The runtime needs no change: same captions as the beam search over the rounded PyTorch step."""
+    bundle_mod = pytest.importorskip("caption_cli.bundle")
+    from caption_cli.beam import beam_search
+    from caption_cli.captioner import Captioner
+
+    captioner = Captioner(bundle_mod.load_bundle(half_bundle), device="cpu")
+    pixels = probe_pixels(TINY_IMAGE_SIZE, 5, seed=9)
+    captions = captioner.caption(pixels)
+    reference = half_decoder_reference(half_parts.model)
+    expected = beam_search(torch_step(reference), *captioner.encode(pixels), captioner.options,
+                           start_id=1, end_id=2, banned_ids=[0, 1])
+    assert captioner.options.beam_size == 4
+    assert [c.text for c in captions] == [" ".join(HALF_VOCAB[t] for t in image[0].tokens) for image in expected]
+    for caption, image in zip(captions, expected):
+        assert caption.score == pytest.approx(image[0].score, abs=1e-4)
+
+
+def test_export_checkpoint_half_decoder(tiny_checkpoint: Path, tmp_path: Path, fast_encoder: None) -> None:
+    """Parity (on by default) is checked against the rounded model, and passes."""
+    out = export_checkpoint(tiny_checkpoint, tmp_path / "b", half_decoder=True,
+                            search={"beam_size": 5, "alternatives": 2})
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["onnx"]["decoder_weights"] == "float16"
+    assert meta["search"] == {"beam_size": 5, "length_penalty": 0.7, "alternatives": 2}
+    stored = _initializers(out / "decoder.onnx")
+    assert stored["step.gru.weight_hh.float16"].dtype == np.float16  # 84 x 28: the tiny model's big ones
+    assert meta["sha256"]["decoder.onnx"] == sha256(out / "decoder.onnx")
+
+
+def test_write_bundle_rejects_unknown_search_options(tiny_parts: TinyParts, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="unknown search option 'beam'; model.json's search options are "
+                                          "beam_size, length_penalty, alternatives"):
+        _write(tiny_parts, tmp_path / "b", search={"beam": 3})
+    assert not list(tmp_path.iterdir())
+
+
+def test_store_weights_as_half_keeps_what_float16_cannot_hold() -> None:
+    """Only exactly representable tensors of > 1024 elements change: the graph computes the same."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {"exact": np.full((1, 1025), 0.5, np.float32), "inexact": np.full((1, 1025), 0.1, np.float32),
+               "small": np.full((1, 1024), 0.5, np.float32)}
+    nodes = [helper.make_node("Mul", ["x", name], [f"y_{name}"]) for name in weights]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info(f"y_{n}", TensorProto.FLOAT, a.shape)
+                               for n, a in weights.items()],
+                              [numpy_helper.from_array(a, name) for name, a in weights.items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert store_weights_as_half(proto) == ["exact"]
+    onnx.checker.check_model(proto, full_check=True)
+    assert {i.name: i.data_type for i in proto.graph.initializer} == {
+        "exact.float16": TensorProto.FLOAT16, "inexact": TensorProto.FLOAT, "small": TensorProto.FLOAT}
