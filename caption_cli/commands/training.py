@@ -130,6 +130,11 @@ def export(
     name: Annotated[Optional[str], typer.Option(help="Model name recorded in model.json.")] = None,
     scores: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False,
                                                    help="JSON of measured scores to record.")] = None,
+    half_decoder: Annotated[bool, typer.Option(
+        "--half-decoder", help="Store decoder weights as float16 (half the size; parity-checked).")] = False,
+    beam: Annotated[Optional[int], typer.Option(min=1, help="Default beam size written to model.json.")] = None,
+    length_penalty: Annotated[Optional[float], typer.Option(
+        min=0.0, max=2.0, help="Default length penalty written to model.json.")] = None,
 ) -> None:
     """Export a checkpoint to a parity-checked, checksummed ONNX model bundle.
 
@@ -140,7 +145,9 @@ def export(
         from export.bundle_writer import export_checkpoint
 
         measured = json.loads(scores.read_text()) if scores else None
-        path = export_checkpoint(checkpoint, out, name=name, scores=measured)
+        search = {k: v for k, v in {"beam_size": beam, "length_penalty": length_penalty}.items() if v is not None}
+        path = export_checkpoint(checkpoint, out, name=name, scores=measured, half_decoder=half_decoder,
+                                 search=search or None)
     except (CaptionCliError, ValueError) as error:
         raise _fail(error) from None
     err.print(f"bundle written to {path}")
