@@ -199,7 +199,8 @@ def evaluate_greedy(model: ShowAttendTell, split: EncodedSplit, vocab: Vocab, de
     return score_captions(split.references, hyps, meteor=False, ptb=False)
 
 
-def train(dataset: DataSet, cfg: TrainConfig, resume: bool = False, log=print) -> Path:
+def train(dataset: DataSet, cfg: TrainConfig, resume: bool = False, log=print,
+          dataset_name: str = "custom") -> Path:
     """Train on dataset's train split, select on val; returns the best checkpoint's path."""
     ctx = init_distributed()
     device = device_for(ctx)
@@ -242,7 +243,7 @@ def train(dataset: DataSet, cfg: TrainConfig, resume: bool = False, log=print) -
         state = {k: checkpoint[k] for k in state}
         log(f"resumed from {last}: epoch {state['epoch']}, step {state['step']}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
-    dataset_info = {"name": getattr(dataset, "name", "custom"), "images": len(train_records),
+    dataset_info = {"name": dataset_name, "images": len(train_records),
                     "captions": int(len(train_split.pairs))}
     steps_per_epoch = sum(1 for _ in batches(train_split, cfg.batch_size, 0, cfg.seed, ctx))
     total_steps = steps_per_epoch * cfg.epochs

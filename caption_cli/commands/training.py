@@ -118,7 +118,8 @@ def train(
         cfg = resolve_config(config, overrides)
         dataset = load_data(data, root, images, annotations, splits)
         err.print(dataset.summary(), highlight=False)
-        best = run_training(dataset, cfg, resume=resume, log=lambda line: err.print(line, highlight=False))
+        best = run_training(dataset, cfg, resume=resume, log=lambda line: err.print(line, highlight=False),
+                            dataset_name=data.value)
     except (CaptionCliError, ValueError) as error:
         raise _fail(error) from None
     err.print(f"best checkpoint: {best}")
