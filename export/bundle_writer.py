@@ -7,7 +7,6 @@ parity check never leaves a half-written bundle where the runtime would find it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -21,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from caption_cli.bundle import FORMAT, FORMAT_VERSION, sha256_file
+from caption_cli.bundle import SPECIAL_TOKENS as BUNDLE_SPECIAL_TOKENS
 from caption_cli.errors import CaptionCliError
 from export.onnx_export import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, IR_VERSION,
                                 OPSET, export_decoder, export_encoder, half_decoder_reference)
@@ -28,23 +29,13 @@ from export.parity import ParityError, check_parity, probe_pixels
 from training.backbone import EfficientNetLite, load_backbone
 from training.model import ModelConfig, ShowAttendTell
 
-FORMAT = "caption-cli-bundle"
-FORMAT_VERSION = 1
 FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "vocab": "vocab.json"}
-SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")  # ids 0..3, in this order
+SPECIAL_TOKENS = tuple(BUNDLE_SPECIAL_TOKENS.values())  # ids 0..3, in this order
 DEFAULT_SEARCH = {"beam_size": 3, "length_penalty": 0.7, "alternatives": 3}
 
 
 class ExportError(CaptionCliError):
     """A checkpoint cannot be exported (unreadable, incomplete) or the destination is unsafe."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_parts(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Sequence[str]) -> None:

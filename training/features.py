@@ -81,10 +81,10 @@ class FeatureCache:
     def missing(self) -> list[str]:
         return [image_id for image_id, ok in zip(self.ids, self.done) if not ok]
 
-    def get(self, image_ids: Sequence[str]) -> np.ndarray:
-        """float32 grids [B, L, D] for these ids."""
+    def get(self, image_ids: Sequence[str], dtype: type = np.float32) -> np.ndarray:
+        """Grids [B, L, D] for these ids (float32 unless asked to keep the stored float16)."""
         rows = np.array([self.row[i] for i in image_ids])
-        return np.asarray(self.grids[rows], dtype=np.float32)
+        return np.asarray(self.grids[rows], dtype=dtype)
 
     def put(self, image_ids: Sequence[str], grids: np.ndarray) -> None:
         rows = [self.row[i] for i in image_ids]

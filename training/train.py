@@ -124,7 +124,7 @@ def encode_split(records: Sequence[Record], cache: FeatureCache, vocab: Vocab, m
         for caption in record.captions:
             tokens = vocab.encode(caption, max_length - 2)  # words + <start>/<end> fit max_length
             rows.append([row] + tokens + [PAD] * (max_length - len(tokens)))
-    return EncodedSplit(ids=ids, grids=cache.get(ids).astype(np.float16),
+    return EncodedSplit(ids=ids, grids=cache.get(ids, np.float16),
                         pairs=np.array(rows, dtype=np.int64),
                         references={r.image_id: list(r.captions) for r in records})
 
