@@ -62,15 +62,9 @@ def load_data(data: DataKind, root: Path | None, images: Path | None, annotation
         return datasets.flickr8k(root or Path("../shared/data/flickr8k"))
     if images is None or annotations is None:
         raise typer.BadParameter(f"--data {data.value} needs --images and --annotations")
-    kwargs: dict[str, Any] = {"images": images}
-    if data is DataKind.coco:
-        kwargs["annotations"] = annotations
-    elif data is DataKind.karpathy:
-        kwargs["annotations"] = annotations
-    elif data is DataKind.flickr:
-        kwargs["tokens"] = annotations
-    else:
-        kwargs["captions"] = annotations
+    # each reader names its captions file after the format
+    field = {DataKind.flickr: "tokens", DataKind.kaggle: "captions"}.get(data, "annotations")
+    kwargs: dict[str, Any] = {"images": images, field: annotations}
     if splits is not None and data in (DataKind.flickr, DataKind.kaggle):
         kwargs.update({name: splits / f"{name}.txt" for name in ("train", "val", "test")
                        if (splits / f"{name}.txt").exists()})
