@@ -109,6 +109,40 @@ def test_deterministic_and_independent_of_batching(captioner: Captioner, bundle:
         np.testing.assert_allclose(batched.attention, single.attention, atol=1e-5)
 
 
+class _CountingSession:
+    """An onnxruntime session that records how many images each call got."""
+
+    def __init__(self, session) -> None:
+        self.session, self.batches = session, []
+
+    def run(self, outputs, feed):
+        self.batches.append(len(feed["pixels"]))
+        return self.session.run(outputs, feed)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 50])
+def test_encoder_chunks_change_nothing(bundle: Bundle, chunk: int):
+    """The encoder may run a batch in chunks (memory); the search still sees the whole batch."""
+    pixels = photos(bundle, 7, seed=4)
+    whole = Captioner(bundle, device="cpu", threads=1, encoder_chunk=7)
+    chunked = Captioner(bundle, device="cpu", threads=1, encoder_chunk=chunk)
+    chunked._encoder = counting = _CountingSession(chunked._encoder)
+    for a, b in zip(whole.encode(pixels), chunked.encode(pixels), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert counting.batches == [min(chunk, 7 - start) for start in range(0, 7, chunk)]
+    expected = [(c.text, round(c.score, 4)) for c in whole.caption(pixels)]
+    assert [(c.text, round(c.score, 4)) for c in chunked.caption(pixels)] == expected
+
+
+def test_encoder_chunk_defaults(bundle: Bundle):
+    from caption_cli.captioner import CPU_ENCODER_CHUNK
+
+    assert Captioner(bundle, device="cpu", threads=1).encoder_chunk == CPU_ENCODER_CHUNK
+    with pytest.raises(ValueError, match="encoder_chunk must be at least 1"):
+        Captioner(bundle, device="cpu", encoder_chunk=0)
+
+
 def test_empty_batch_and_bad_pixels(captioner: Captioner, bundle: Bundle):
     s = bundle.image_size
     assert captioner.caption(np.zeros((0, s, s, 3), np.uint8)) == []
