@@ -143,6 +143,21 @@ def test_resume_continues_from_the_saved_step(shapes: dict[str, Path], tmp_path:
     assert [entry["epoch"] for entry in second["history"]] == [1, 2, 3, 4]
 
 
+def test_resumed_run_equals_an_uninterrupted_one(shapes: dict[str, Path], tmp_path: Path) -> None:
+    """With dropout on, a run stopped after 2 of 4 epochs and resumed ends with the weights of one
+    uninterrupted run (8 images, batches of 4: 2 steps per epoch)."""
+    base = {**TINY, "cache": str(shapes["cache"]), "batch_size": 4, "patience": 100, "dropout": 0.5, "epochs": 4}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(_dataset(shapes), resolve_config(None, {**base, "out": str(straight)}), log=lambda line: None)
+    train(_dataset(shapes), resolve_config(None, {**base, "out": str(split), "limit_steps": 4}), log=lambda line: None)
+    train(_dataset(shapes), resolve_config(None, {**base, "out": str(split)}), resume=True, log=lambda line: None)
+    one = torch.load(straight / "last.pt", weights_only=True)["model"]
+    two = torch.load(split / "last.pt", weights_only=True)["model"]
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+
+
 def test_unknown_option_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown training option\\(s\\): dropuot"):
         resolve_config(None, {"dropuot": 0.1})

@@ -156,6 +156,11 @@ def to_tensors(split: EncodedSplit, pairs: np.ndarray,
 
 # --- schedule, checkpoints -----------------------------------------------------
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The torch seed of one epoch on one rank: distinct per rank, repeatable on resume."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
     if step < cfg.warmup_steps:
@@ -257,6 +262,9 @@ def train(dataset: DataSet, cfg: TrainConfig, resume: bool = False, log=print,
     with Progress(*columns, disable=not ctx.main) as progress:
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
+            # dropout draws from a stream fixed by (seed, epoch, rank), so a resumed run
+            # repeats exactly what an uninterrupted one would have done
+            torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="")
             started, tokens_seen, loss_sum, loss_n = time.time(), 0, 0.0, 0
             for pairs in batches(train_split, cfg.batch_size, epoch, cfg.seed, ctx):
