@@ -154,6 +154,28 @@ class NBest:
         return self.full and self.hypotheses[-1].score >= self.normalise(best_running_sum, length)
 
 
+def _best_expansions(logprobs: np.ndarray, sums: np.ndarray, n_top: int,
+                     forbidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The n_top best (beam, word) expansions of each image: flat indices beam * V + word
+    [B, n_top] and their float64 score sums [B, n_top], in no particular order.
+
+    An image's best expansions are among each of its beams' own best words, so the
+    [B*K, V] log-probs are scanned once in float32 for n_top (+ forbidden) words per beam,
+    and only those candidates are scored; this is exact, and most of the search's numpy
+    time was spent scoring all K*V expansions in float64.
+    """
+    vocab = logprobs.shape[1]
+    b, k = sums.shape
+    per_beam = min(vocab, n_top + len(forbidden))  # a forbidden word can take a slot: take more
+    words = np.argpartition(logprobs, vocab - per_beam, axis=1)[:, vocab - per_beam:]  # [B*K, P], no negated copy
+    word_scores = np.take_along_axis(logprobs, words, axis=1).astype(np.float64)
+    word_scores[np.isin(words, forbidden)] = -np.inf
+    scores = (sums.reshape(-1, 1) + word_scores).reshape(b, k * per_beam)  # [B, K*P]
+    flat = (np.arange(k).reshape(1, k, 1) * vocab + words.reshape(b, k, per_beam)).reshape(b, k * per_beam)
+    best = np.argpartition(-scores, n_top - 1, axis=1)[:, :n_top]  # [B, n_top]
+    return np.take_along_axis(flat, best, axis=1), np.take_along_axis(scores, best, axis=1)
+
+
 def beam_search(step: StepFn, features: np.ndarray, keys: np.ndarray, hidden0: np.ndarray,
                 options: SearchOptions, *, start_id: int, end_id: int,
                 banned_ids: Sequence[int] = ()) -> list[list[Hypothesis]]:
@@ -172,7 +194,8 @@ def beam_search(step: StepFn, features: np.ndarray, keys: np.ndarray, hidden0: n
         return []
     k = options.beam_size
     holders = [NBest(k, options.length_penalty) for _ in range(n_images)]
-    banned = sorted({*banned_ids, start_id})
+    forbidden = np.array(sorted({*banned_ids, start_id}), dtype=np.int64)
+    forbidden_first = np.union1d(forbidden, [end_id])  # the first step must say at least one word
 
     active = np.arange(n_images)  # [B]: image index of each active image (B shrinks)
     feats = np.repeat(features, k, axis=0)  # [B*K, L, E]
@@ -187,15 +210,8 @@ def beam_search(step: StepFn, features: np.ndarray, keys: np.ndarray, hidden0: n
     for t in range(options.max_length):
         logprobs, hidden_out, attention = step(token, hidden, feats, kys)  # [B*K, V], [B*K, H], [B*K, L]
         b, vocab = len(active), logprobs.shape[1]
-        logprobs = logprobs.astype(np.float64)
-        logprobs[:, banned] = -np.inf
-        if t == 0:
-            logprobs[:, end_id] = -np.inf  # at least one word
-        scores = (sums.reshape(-1, 1) + logprobs).reshape(b, k * vocab)  # [B, K*V]
-
         n_top = 2 * k  # at most K of them are <end> (one per beam), so >= K continue
-        top = np.argpartition(-scores, n_top - 1, axis=1)[:, :n_top]  # [B, 2K] flat (beam, word)
-        top_scores = np.take_along_axis(scores, top, axis=1)
+        top, top_scores = _best_expansions(logprobs, sums, n_top, forbidden if t > 0 else forbidden_first)
         order = np.lexsort((top, -top_scores), axis=1)  # best first; ties: lower flat index first
         top = np.take_along_axis(top, order, axis=1)
         top_scores = np.take_along_axis(top_scores, order, axis=1)

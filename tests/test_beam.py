@@ -83,7 +83,7 @@ def reference_search(step, features, keys, hidden, k, max_length, length_penalty
         for index, (words, total, state, rows) in enumerate(beams):
             last = np.array([words[-1] if words else START], dtype=np.int64)
             logprobs, new_state, attention = step(last, state[None], features[None], keys[None])
-            for word in range(V):
+            for word in range(logprobs.shape[1]):
                 if word in BANNED or (t == 0 and word == END):
                     continue
                 candidates.append((total + float(logprobs[0, word]), index, word, new_state[0], attention[0]))
@@ -133,6 +133,44 @@ def test_batched_equals_per_image_reference(seed, beam_size, length_penalty, n_i
             assert hypothesis.attention.dtype == np.float32
             assert hypothesis.attention.shape == (len(words), L)
             np.testing.assert_array_equal(hypothesis.attention, np.array(rows, dtype=np.float32).reshape(-1, L))
+
+
+class WideDecoder(FakeDecoder):
+    """FakeDecoder over 60 words whose favourite words are the banned <pad> and <start>.
+
+    With 7 words the search scores every expansion; with 60 it first keeps each beam's
+    best few words, and the banned ones must not crowd out the words that should win.
+    """
+
+    WORDS = 60
+
+    def __init__(self, seed: int, end_weight: float = 0.0) -> None:
+        super().__init__(seed, end_weight)
+        rng = np.random.default_rng(500 + seed)
+        self.embed = rng.normal(size=(self.WORDS, H))
+        self.w_out = rng.normal(size=(H, self.WORDS)) * 1.5
+
+    def __call__(self, token, hidden, features, keys):
+        logprobs, new_hidden, attention = super().__call__(token, hidden, features, keys)
+        logits = logprobs.astype(np.float64)
+        logits[:, list(BANNED)] += 6.0
+        logits -= np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return logits.astype(np.float32), new_hidden, attention
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_wide_vocabulary_with_banned_favourites_equals_reference(seed, beam_size):
+    decoder = WideDecoder(seed, end_weight=1.5)
+    found = run_batched(decoder, 4, seed, beam_size=beam_size, alternatives=beam_size, max_length=8,
+                        length_penalty=0.7)
+    features, keys, hidden = encoder_outputs(4, seed)
+    for image in range(4):
+        expected = reference_search(decoder, features[image], keys[image], hidden[image], beam_size, 8, 0.7,
+                                    beam_size)
+        assert [h.tokens for h in found[image]] == [words for _, words, _ in expected]
+        assert [h.score for h in found[image]] == pytest.approx([score for score, _, _ in expected], rel=1e-9)
+        assert all(not set(h.tokens) & set(BANNED) for h in found[image])
 
 
 def test_every_search_emits_words_only():
