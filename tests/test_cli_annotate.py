@@ -273,12 +273,26 @@ def test_info_text_and_json(fake):
     result = run("info")
     assert result.exit_code == 0, result.output
     assert "fake (fake@000000000000)" in result.stdout
+    assert "scores:    test split\n           BLEU-4 0.250\n" in result.stdout
     assert "CPUExecutionProvider" in result.stdout and "device:    cpu" in result.stdout
     data = json.loads(run("info", "--json", "--device", "cpu").stdout)
     assert data["device"] == "cpu" and data["model_id"] == "fake@000000000000"
     assert data["scores"] == {"split": "test", "BLEU-4": 0.25}
     assert "CPUExecutionProvider" in data["providers_available"]
     assert fake[-1]["device"] == "cpu"
+
+
+def test_info_score_lines_of_the_shipped_bundle():
+    from caption_cli.bundle import load_bundle
+    from caption_cli.commands.annotate import _score_lines
+
+    meta = load_bundle(None).meta
+    lines = _score_lines(meta["scores"], meta["search"]["beam_size"])
+    assert lines[0] == "test split · flickr8k (Karpathy split, 1000 images) · onnxruntime"
+    assert [line.split(":")[0] for line in lines[1:4]] == ["beam 1", "beam 3 (default)", "beam 5"]
+    assert f"BLEU-4 {meta['scores']['by_beam']['3']['BLEU-4']:.3f}" in lines[2]
+    assert lines[-1].startswith("selected: ")
+    assert _score_lines({}, 3) == []
 
 
 # --------------------------------------------------------------------- subprocesses

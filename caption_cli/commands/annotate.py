@@ -464,14 +464,34 @@ def info(
         return
     typer.echo(f"model:     {data['name']} ({data['model_id']})")
     typer.echo(f"backbone:  {data['backbone']}, {data['image_size']} px, grid {'x'.join(map(str, data['grid']))}")
-    scores = data["scores"]
-    if scores:
-        shown = ", ".join(
-            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()
-        )
-        typer.echo(f"scores:    {shown}")
+    for index, line in enumerate(_score_lines(data["scores"], data["search"].get("beam_size"))):
+        typer.echo(f"{'scores:' if index == 0 else '':<11}{line}")
     typer.echo(f"providers: {', '.join(data['providers_available'])} (available)")
     typer.echo(f"device:    {data['device']} ({', '.join(data['providers'])})")
+
+
+METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def _score_lines(scores: dict, default_beam: int | None) -> list[str]:
+    """model.json's measured scores as a few readable lines: where measured, then one per beam."""
+    if not scores:
+        return []
+    where = [f"{scores['split']} split" if scores.get("split") else ""]
+    where += [str(scores[key]) for key in ("dataset", "engine") if scores.get(key)]
+    where = [part for part in where if part]
+    lines = [" · ".join(where)] if where else []
+    by_beam = scores.get("by_beam") or {scores.get("beam_size"): scores}
+    for beam, values in by_beam.items():
+        shown = ", ".join(f"{name} {values[name]:.3f}" for name in METRICS if isinstance(values.get(name), float))
+        if shown and beam is None:
+            lines.append(shown)
+        elif shown:
+            default = " (default)" if str(default_beam) == str(beam) else ""
+            lines.append(f"beam {beam}{default}: {shown}")
+    if scores.get("selection"):
+        lines.append(f"selected: {scores['selection']}")
+    return lines
 
 
 def register(app: typer.Typer) -> None:
