@@ -34,8 +34,8 @@ def fold_pads_into_convs(proto: onnx.ModelProto) -> int:
         for name in node.input:
             consumers[name].append(node)
     graph_outputs = {value.name for value in graph.output}
-    folded: list[onnx.NodeProto] = []
-    for pad in graph.node:
+    folded: list[int] = []
+    for index, pad in enumerate(graph.node):
         if pad.op_type != "Pad" or pad.output[0] in graph_outputs:
             continue
         users = consumers[pad.output[0]]
@@ -53,29 +53,41 @@ def fold_pads_into_convs(proto: onnx.ModelProto) -> int:
         current = _attribute(conv, "pads", None) or [0] * len(spatial)
         _set_attribute(conv, "pads", [int(a + b) for a, b in zip(current, spatial, strict=True)])
         conv.input[0] = pad.input[0]
-        folded.append(pad)
-    for pad in folded:
-        graph.node.remove(pad)
+        folded.append(index)
+    for index in reversed(folded):
+        del graph.node[index]
     if folded:
         remove_unused(proto)
     return len(folded)
 
 
 def remove_unused(proto: onnx.ModelProto) -> None:
-    """Drop nodes whose outputs nothing reads, then initializers nothing reads."""
+    """Drop nodes whose outputs nothing reads, then initializers nothing reads.
+
+    Names read inside subgraphs (If/Loop bodies) count as read, so those stay.
+    """
     graph = proto.graph
     while True:
-        needed = {value.name for value in graph.output}
-        for node in graph.node:
-            needed.update(node.input)
-        dead = [node for node in graph.node if not any(out in needed for out in node.output)]
+        needed = _names_read(graph)
+        dead = [index for index, node in enumerate(graph.node) if not any(out in needed for out in node.output)]
         if not dead:
             break
-        for node in dead:
-            graph.node.remove(node)
-    needed = {value.name for value in graph.output} | {name for node in graph.node for name in node.input}
-    for init in [init for init in graph.initializer if init.name not in needed]:
-        graph.initializer.remove(init)
+        for index in reversed(dead):
+            del graph.node[index]
+    needed = _names_read(graph)
+    for index in reversed([i for i, init in enumerate(graph.initializer) if init.name not in needed]):
+        del graph.initializer[index]
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every name a node of `graph` or of any subgraph reads, plus the graph's outputs."""
+    names = {value.name for value in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] * attribute.HasField("g") + list(attribute.graphs):
+                names |= _names_read(subgraph)
+    return names
 
 
 def _zero_padding(proto: onnx.ModelProto, pad: onnx.NodeProto) -> list[int] | None:
@@ -100,8 +112,8 @@ def constant_value(proto: onnx.ModelProto, name: str) -> np.ndarray | None:
     graph = proto.graph
     graph_inputs = {value.name for value in graph.input}  # an initializer that is an input can be overridden
     initializers = {init.name: init for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    nodes: list[onnx.NodeProto] = []
+    producer = {out: index for index, node in enumerate(graph.node) for out in node.output}
+    nodes: set[int] = set()
     tensors: list[onnx.TensorProto] = []
     pending, seen = [name], set()
     while pending:
@@ -113,14 +125,13 @@ def constant_value(proto: onnx.ModelProto, name: str) -> np.ndarray | None:
             return None
         if current in initializers:
             tensors.append(initializers[current])
-        elif current in producers:
-            nodes.append(producers[current])
-            pending.extend(producers[current].input)
+        elif current in producer:
+            nodes.add(producer[current])
+            pending.extend(graph.node[producer[current]].input)
         else:
             return None  # a dangling name
-    order = {id(node): index for index, node in enumerate(graph.node)}  # the graph is topologically sorted
-    nodes = sorted({id(node): node for node in nodes}.values(), key=lambda node: order[id(node)])
-    subgraph = helper.make_graph(nodes, "constant", [], [helper.make_tensor_value_info(name, 0, None)],
+    ordered = [graph.node[index] for index in sorted(nodes)]  # a valid graph is topologically sorted
+    subgraph = helper.make_graph(ordered, "constant", [], [helper.make_tensor_value_info(name, 0, None)],
                                  initializer=tensors)
     model = helper.make_model(subgraph, opset_imports=proto.opset_import)
     return np.asarray(ReferenceEvaluator(model).run(None, {})[0])

@@ -139,3 +139,24 @@ def test_feature_extraction_graph_has_no_pads(tiny_parts, tmp_path: Path) -> Non
     with torch.no_grad():
         expected = PixelsToGrid(tiny_parts.backbone.eval())(torch.from_numpy(pixels)).numpy()
     np.testing.assert_allclose(grid, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_remove_unused_keeps_what_a_subgraph_reads() -> None:
+    from export.onnx_passes import remove_unused
+
+    outer = helper.make_node("Constant", [], ["outer"], value=numpy_helper.from_array(np.float32(3.0), "outer"))
+    unused = helper.make_node("Constant", [], ["unused"], value=numpy_helper.from_array(np.float32(1.0), "unused"))
+    then_branch = helper.make_graph([helper.make_node("Identity", ["outer"], ["then_out"])], "then", [],
+                                    [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["outer"], ["else_out"])], "else", [],
+                                    [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [])])
+    branch = helper.make_node("If", ["flag"], ["y"], then_branch=then_branch, else_branch=else_branch)
+    graph = helper.make_graph([outer, unused, branch], "if", [helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    remove_unused(model)
+    assert [node.output[0] for node in model.graph.node] == ["outer", "y"]
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"flag": np.array(False)})[0] == -3.0
