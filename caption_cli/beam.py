@@ -19,7 +19,8 @@ Rules (the tests check them against a per-image reference search):
   <end> become the next running beams, so an image always keeps K running beams;
 - at step 0 the K beams of an image are identical, so only beam 0 is expanded
   (the others start at -inf) and no duplicate hypotheses appear;
-- <start> and <pad> are never emitted, nor <end> as the first word (no empty caption);
+- banned ids (the runtime passes `never_emitted`: <pad>, <start>, <unk>) are never emitted,
+  nor <end> as the first word (no empty caption);
 - an image is done when its holder is full and its worst score is >= the best running
   sum normalised at the current length (transformers' default `early_stopping=False`
   rule). With K = 1 this makes the search exactly the greedy argmax chain.
@@ -28,7 +29,7 @@ Rules (the tests check them against a per-image reference search):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -152,6 +153,16 @@ class NBest:
         if best_running_sum == -math.inf:
             return True  # nothing left running
         return self.full and self.hypotheses[-1].score >= self.normalise(best_running_sum, length)
+
+
+def never_emitted(special_tokens: Mapping[str, int]) -> tuple[int, ...]:
+    """Token ids no caption may contain: <pad>, <start> and <unk>.
+
+    "a dog plays with a <unk>" helps no one in alt text or a photo's metadata, and no
+    reference caption contains the literal token, so the search takes the best real
+    word instead. <end> is not here: it finishes a caption.
+    """
+    return tuple(sorted({special_tokens["pad"], special_tokens["start"], special_tokens["unk"]}))
 
 
 def _best_expansions(logprobs: np.ndarray, sums: np.ndarray, n_top: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from caption_cli.beam import Hypothesis, SearchOptions, beam_search
+from caption_cli.beam import Hypothesis, SearchOptions, beam_search, never_emitted
 from caption_cli.bundle import Bundle
 from caption_cli.errors import BundleError
 from caption_cli.results import Alternative, Caption
@@ -41,7 +41,7 @@ class Captioner:
         _check_names(bundle, "decoder", self._decoder, self._decoder_io)
         special = bundle.special_tokens
         self._start, self._end = special["start"], special["end"]
-        self._banned = (special["pad"], special["start"])  # <unk> may be emitted; alt-text filters it
+        self._banned = never_emitted(special)
         self.encoder_chunk = encoder_chunk or (CPU_ENCODER_CHUNK if self.device == "cpu" else None)
 
     @property

@@ -41,6 +41,7 @@ class StoreLike(Protocol):
     def already_done(self, keys: Sequence[tuple], model_id: str) -> set[str]: ...
     def write_batch(self, results: Sequence[CaptionResult], model_id: str, run_id: int) -> None: ...
     def update_keys(self, keys: Sequence[tuple]) -> None: ...
+    def stored_captions(self, paths: Sequence[Path], model_id: str) -> list[tuple]: ...
 
 
 def default_workers() -> int:
@@ -113,7 +114,10 @@ def annotate(
 
     on_result sees each captioned or failed file (after its batch is stored),
     on_skip each file skipped as already done. metadata_writer, when given, is an
-    open caption_cli.metadata.MetadataWriter that receives each batch's captions;
+    open caption_cli.metadata.MetadataWriter that receives each batch's captions, and
+    the stored captions of skipped files too (so a second run with --write-metadata,
+    or one after a run killed between storing a batch and writing its metadata,
+    still writes every file; the writer leaves files that already agree unchanged);
     on_metadata sees its outcomes.
     """
     options = options or AnnotateOptions()
@@ -134,6 +138,8 @@ def annotate(
         summary.skipped += 1
         if on_skip:
             on_skip(path)
+        if metadata_writer is not None:
+            batcher.add_skipped(path)
 
     def walk_error(path: Path, message: str) -> None:
         # A folder that cannot be listed: reported and counted, but not a row.
@@ -156,6 +162,7 @@ def annotate(
             if batcher.ready(options.batch_size):
                 batcher.flush()
         batcher.flush()
+        batcher.flush_skipped()
     finally:
         summary.seconds = time.monotonic() - started
         store.finish_run(run_id, summary.captioned, summary.skipped, summary.failed)
@@ -194,6 +201,9 @@ def _unfinished(
                 yield key
 
 
+SKIPPED_METADATA_CHUNK = 64  # skipped files whose stored captions go to the writer at once
+
+
 class _Batcher:
     """Collects decoded files; flush captions the good ones in one call and stores all."""
 
@@ -218,6 +228,24 @@ class _Batcher:
         self.on_metadata = on_metadata
         self.items: list[tuple[_Key, DecodedImage]] = []
         self.good = 0
+        self.skipped: list[Path] = []  # already captioned; their metadata is still written
+
+    def add_skipped(self, path: Path) -> None:
+        self.skipped.append(path)
+        if len(self.skipped) >= SKIPPED_METADATA_CHUNK:
+            self.flush_skipped()
+
+    def flush_skipped(self) -> None:
+        """Write the stored captions of skipped files into their metadata."""
+        if not self.skipped:
+            return
+        from caption_cli.metadata import MetadataRequest  # only when asked for
+
+        rows = self.store.stored_captions(self.skipped, self.model_id)
+        self.skipped = []
+        name = self.captioner.bundle.name
+        self._send_metadata([MetadataRequest(Path(path), caption, name, size, mtime)
+                             for path, caption, size, mtime in rows])
 
     def add(self, key: _Key, decoded: DecodedImage) -> None:
         self.items.append((key, decoded))
@@ -248,14 +276,15 @@ class _Batcher:
             self.report(result)
 
     def _write_metadata(self, results: list[CaptionResult]) -> None:
-        if not results:
-            return
         from caption_cli.metadata import MetadataRequest  # only when asked for
 
         name = self.captioner.bundle.name
-        outcomes = self.metadata_writer.write(
-            [MetadataRequest(r.path, r.caption.text, name, r.size, r.mtime) for r in results]
-        )
+        self._send_metadata([MetadataRequest(r.path, r.caption.text, name, r.size, r.mtime) for r in results])
+
+    def _send_metadata(self, requests: list) -> None:
+        if not requests:
+            return
+        outcomes = self.metadata_writer.write(requests)
         changed = []
         for outcome in outcomes:
             if outcome.status == "error":

@@ -232,6 +232,14 @@ class Store:
         except sqlite3.Error as exc:
             raise self._sql_error(exc) from exc
 
+    def stored_captions(self, paths: Sequence[Path | str], model_id: str) -> list[tuple[str, str, int, float]]:
+        """(path, caption, size, mtime) of those paths this model captioned OK: what
+        annotate --write-metadata writes for the files it skips as already done."""
+        try:
+            return _stored_captions(self.db.conn, paths, model_id)
+        except sqlite3.Error as exc:
+            raise self._sql_error(exc) from exc
+
     # -- writing
 
     def write_batch(self, results: Sequence[CaptionResult], model_id: str, run_id: int) -> None:
@@ -357,6 +365,17 @@ def _done_paths(conn: sqlite3.Connection, keys: Sequence[FileKey], model_id: str
     return {str(path) for path, size, mtime in keys if (str(path), size, mtime) in stored}
 
 
+def _stored_captions(conn: sqlite3.Connection, paths: Sequence[Path | str], model_id: str) -> list[tuple]:
+    """(path, caption, size, mtime) of the given paths that this model captioned OK."""
+    if not paths:
+        return []
+    return conn.execute(
+        "select path, caption, size, mtime from images where status = 'ok' and model_id = ?"
+        " and path in (select value from json_each(?)) order by path",
+        [model_id, _json_list(paths)],
+    ).fetchall()
+
+
 def _image_row(result: CaptionResult, model_id: str, run_id: int, now: str) -> dict:
     caption = result.caption
     return {
@@ -439,6 +458,9 @@ class DryRunStore:
         if self._reader is None:
             return set()
         return _done_paths(self._reader, keys, model_id)
+
+    def stored_captions(self, paths: Sequence[Path | str], model_id: str) -> list[tuple[str, str, int, float]]:
+        return [] if self._reader is None else _stored_captions(self._reader, paths, model_id)
 
     def write_batch(self, results: Sequence[CaptionResult], model_id: str, run_id: int) -> None:
         pass

@@ -86,7 +86,7 @@ def test_beam_one_is_greedy(bundle: Bundle):
         for t in range(bundle.max_length):
             token = np.array([bundle.vocab.index(words[-1]) if words else bundle.special_tokens["start"]])
             logprobs, state, _ = greedy.step(token, state, features[image:image + 1], keys[image:image + 1])
-            logprobs[0, [bundle.special_tokens["pad"], bundle.special_tokens["start"]]] = -np.inf
+            logprobs[0, [bundle.special_tokens[name] for name in ("pad", "start", "unk")]] = -np.inf
             if t == 0:
                 logprobs[0, end] = -np.inf
             best = int(np.argmax(logprobs[0]))
@@ -133,6 +133,29 @@ def test_encoder_chunks_change_nothing(bundle: Bundle, chunk: int):
     assert counting.batches == [min(chunk, 7 - start) for start in range(0, 7, chunk)]
     expected = [(c.text, round(c.score, 4)) for c in whole.caption(pixels)]
     assert [(c.text, round(c.score, 4)) for c in chunked.caption(pixels)] == expected
+
+
+def test_unk_is_never_said_even_when_the_model_prefers_it(bundle: Bundle):
+    """<unk> is the model's favourite word here, yet no caption or alternative contains it."""
+    captioner = Captioner(bundle, device="cpu", threads=1)
+    unk = bundle.special_tokens["unk"]
+    favourite = []
+    plain_step = captioner.step
+
+    def unk_loving_step(token, hidden, features, keys):
+        logprobs, hidden_out, attention = plain_step(token, hidden, features, keys)
+        logprobs = logprobs.copy()
+        logprobs[:, unk] = 0.0  # log-prob 0: certainty
+        favourite.append(int(np.argmax(logprobs[0])))
+        return logprobs, hidden_out, attention
+
+    captioner.step = unk_loving_step
+    captions = captioner.caption(photos(bundle, 5, seed=7))
+    assert favourite and set(favourite) == {unk}
+    for caption in captions:
+        assert caption.words, "a caption of real words remains"
+        assert "<unk>" not in caption.words
+        assert all("<unk>" not in alternative.caption.split() for alternative in caption.alternatives)
 
 
 def test_encoder_chunk_defaults(bundle: Bundle):

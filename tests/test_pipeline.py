@@ -269,6 +269,29 @@ def test_metadata_writer_gets_each_batch_and_resume_still_skips(tmp_path: Path, 
     assert (again.captioned, again.skipped) == (0, 4)  # the new mtimes were stored
 
 
+def test_write_metadata_on_a_second_run_writes_the_skipped_files(tmp_path: Path, store: Store):
+    """Captioned first, --write-metadata later: the stored captions go into the files;
+    a file whose write failed is tried again by the next run."""
+    pytest.importorskip("caption_cli.metadata")
+    make_photos(tmp_path, 5, bad=(1,))
+    first = annotate([tmp_path], FakeCaptioner(), store, options())
+    assert (first.captioned, first.failed) == (4, 1)
+    stored = {Path(row["path"]).name: row["caption"] for row in store.iter_images(status="ok")}
+
+    writer = FakeMetadataWriter(fail={"p003.png"})
+    second = annotate([tmp_path], FakeCaptioner(), store, options(), metadata_writer=writer)
+    assert (second.captioned, second.skipped) == (0, 4)
+    assert (second.metadata_written, second.metadata_failed) == (3, 1)
+    requests = [r for call in writer.calls for r in call]
+    assert {Path(r.path).name: r.caption for r in requests} == stored
+    assert all(r.model_name == "fake" for r in requests)
+
+    retry = FakeMetadataWriter(fail=set())
+    third = annotate([tmp_path], FakeCaptioner(), store, options(), metadata_writer=retry)
+    assert third.skipped == 4 and third.metadata_failed == 0 and third.ok is False  # p001 is still a bad file
+    assert "p003.png" in {Path(r.path).name for call in retry.calls for r in call}
+
+
 def test_summary_rate():
     assert Summary(captioned=10, seconds=4.0).images_per_second == 2.5
     assert Summary().images_per_second == 0.0 and Summary().ok

@@ -16,7 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from caption_cli.beam import SearchOptions, beam_search
+from caption_cli.beam import SearchOptions, beam_search, never_emitted
 from training.datasets import DataSet, Record
 from training.metrics import score_captions
 
@@ -69,7 +69,7 @@ def caption_with_checkpoint(checkpoint: Path, dataset: DataSet, records: Sequenc
                     grid = torch.from_numpy(cache.get([r.image_id for r in chunk]))
                     features, keys, hidden0 = (t.numpy() for t in model.encoder(grid))
                 found = beam_search(step, features, keys, hidden0, options, start_id=special["start"],
-                                    end_id=special["end"], banned_ids=(special["pad"],))
+                                    end_id=special["end"], banned_ids=never_emitted(special))
                 for record, hypotheses in zip(chunk, found):
                     captions[record.image_id] = " ".join(vocab[t] for t in hypotheses[0].tokens if t != special["end"])
                 progress.advance(task, len(chunk))
