@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from io import StringIO
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 
 from caption_cli.cli import app
 from caption_cli.commands import annotate as commands
+from caption_cli.results import CaptionResult
 from tests.test_pipeline import FakeCaptioner, make_photos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +66,21 @@ def plain(text: str) -> str:
 def rows(db: Path, sql: str = "select path, status, caption, error from images order by path"):
     with sqlite3.connect(db) as conn:
         return conn.execute(sql).fetchall()
+
+
+def make_odd_file(folder: Path, name: str | bytes, content: bytes = b"not an image") -> Path:
+    """A file whose name is not UTF-8 or holds control characters, or a clean skip
+    where the file system refuses such names (macOS, some network mounts)."""
+    path = folder / (os.fsdecode(name) if isinstance(name, bytes) else name)
+    try:
+        path.write_bytes(content)
+    except (OSError, UnicodeEncodeError) as exc:
+        pytest.skip(f"this file system refuses the name {name!r}: {exc}")
+    return path
+
+
+LATIN1 = b"lat\xe9.png"  # "latin" with a Latin-1 e-acute: not UTF-8
+LATIN1_SHOWN = "lat\\xe9.png"  # how the CLI prints it
 
 
 # ------------------------------------------------------------------------ annotate
@@ -112,14 +129,28 @@ def test_annotate_bad_files_one_line_each_exit_1(fake, tmp_path: Path, db: Path)
         (["search", "dog", "--db", "{tmp}/none.db"], "no caption database"),
         (["search", "  ", "--db", "{tmp}/none.db"], "the query is empty"),
         (["show", "x.jpg", "--db", "{tmp}/none.db"], "no caption database"),
+        (["annotate", "{photos}", "--beam", "40"], "Invalid value for --beam: 40 is more than 32"),
+        (["annotate", "{photos}", "--alternatives", "33"], "Invalid value for --alternatives: 33 is more than 32"),
+        (["search", '"', "--db", "{tmp}/none.db"], 'has no word to look for; give words, or "words in quotes"'),
+        (["search", "* ()", "--db", "{tmp}/none.db"], "has no word to look for"),
+        (["search", os.fsdecode(b"r\xe9d"), "--db", "{tmp}/none.db"], "the query is not valid UTF-8: r\\xe9d"),
     ],
 )
-def test_usage_errors_exit_2_before_the_model_loads(fake, photos: Path, db: Path, args, message):
+def test_usage_errors_exit_2_before_the_model_loads(fake, photos: Path, db: Path, monkeypatch, args, message):
     tmp = photos.parent
+    monkeypatch.chdir(tmp)  # so the default ./captions.db is `db`
     result = run(*[a.format(tmp=tmp, photos=photos) for a in args])
     assert result.exit_code == 2, result.output
     assert message in plain(result.stderr)
     assert fake == []  # nothing loaded
+    assert not db.exists() and list(tmp.glob("*.db*")) == []  # and no database left behind
+
+
+def test_usage_errors_found_in_the_bundle_leave_no_database(tiny_bundle: Path, photos: Path, db: Path):
+    """The bundle's own beam (3) is only known once it is read: still exit 2, no new file."""
+    result = run("annotate", photos, "--db", db, "--model", tiny_bundle, "--alternatives", "5", "--workers", "0")
+    assert result.exit_code == 2, result.output
+    assert "alternatives must be an integer from 1 to beam_size (3), got 5" in plain(result.stderr)
     assert not db.exists()
 
 
@@ -130,6 +161,7 @@ def test_bundle_problem_is_a_usage_error_for_model(photos: Path, db: Path, tmp_p
     result = run("annotate", photos, "--db", db, "--model", bundle)
     assert result.exit_code == 2
     assert "not valid JSON" in plain(result.stderr)
+    assert not db.exists()
 
 
 def test_annotate_json_streams_one_object_per_image(fake, photos: Path, db: Path):
@@ -151,6 +183,75 @@ def test_annotate_json_streams_one_object_per_image(fake, photos: Path, db: Path
     again = run("annotate", photos, "--db", db, "--workers", "0", "--json")
     statuses = sorted(json.loads(line)["status"] for line in again.stdout.splitlines())
     assert statuses == ["error", "skipped", "skipped", "skipped"]
+
+
+def test_non_utf8_name_is_one_printable_line_in_text_mode(fake, photos: Path, db: Path):
+    make_odd_file(photos, LATIN1)
+    result = run("annotate", photos, "--db", db, "--workers", "0")
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{photos / LATIN1_SHOWN}: ") and "UTF-8" in line
+    assert "Captioned 3, skipped 0, failed 1" in result.stdout
+
+
+def test_non_utf8_name_keeps_json_output_valid_utf8(launcher: Path, photos: Path, db: Path):
+    """A real process: its stdout writes lone surrogates back as raw bytes (surrogateescape),
+    which is how invalid UTF-8 reached the JSON before."""
+    make_odd_file(photos, LATIN1)
+    result = subprocess.run(
+        [sys.executable, str(launcher), "annotate", str(photos), "--db", str(db), "--workers", "0", "--json"],
+        env=_env(PYTHONIOENCODING="utf-8:surrogateescape"), capture_output=True, timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    objects = [json.loads(line) for line in result.stdout.decode("utf-8").splitlines()]  # strict UTF-8
+    odd = [o for o in objects if o["status"] == "error"]
+    assert [o["path"] for o in odd] == [str(photos / LATIN1_SHOWN)]
+    assert len(objects) == 4
+    [line] = result.stderr.decode("utf-8").splitlines()[:-1]  # the last line is the summary
+    assert line.startswith(f"{photos / LATIN1_SHOWN}: ")
+
+
+def test_control_characters_in_a_name_stay_on_its_one_line(fake, photos: Path, db: Path):
+    odd = make_odd_file(photos, "two\nlines\x1b[2J.png")
+    result = run("annotate", photos, "--db", db, "--workers", "0")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"{photos}/two\\nlines\\x1b[2J.png: not a supported image (content is not JPEG/PNG/WEBP/HEIF/TIFF/BMP/GIF)"
+    ]
+    as_json = run("annotate", photos, "--db", db, "--workers", "0", "--json")
+    errors = [o for o in map(json.loads, as_json.stdout.splitlines()) if o["status"] == "error"]
+    assert [o["path"] for o in errors] == [str(odd)]  # JSON keeps the real name, escaped its own way
+
+
+def test_progress_bar_prints_names_literally_and_ends_at_its_total(fake, photos: Path, db: Path, monkeypatch):
+    """The interactive path: rich prints the error lines above the bar, so a `:sunny:`
+    or `[bold]` in a file name must not become an emoji or a style, and files that the
+    walk reports (a name that is not UTF-8) count in the total."""
+    screen = StringIO()
+    monkeypatch.setattr(commands, "_interactive", lambda: True)
+    real_console = commands._stderr_console  # the function under test, pointed at a fake terminal
+    monkeypatch.setattr(commands, "_stderr_console", lambda: real_console(file=screen, force_terminal=True, width=300))
+    make_odd_file(photos, ":sunny: [bold]x[red].png")
+    make_odd_file(photos, LATIN1)
+    result = run("annotate", photos, "--db", db, "--workers", "0")
+    assert result.exit_code == 1
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert f"{photos}/:sunny: [bold]x[red].png: not a supported image" in shown
+    assert "\u2600" not in shown  # no ☀
+    assert f"{photos / LATIN1_SHOWN}: " in shown
+    counts = set(re.findall(r"(\d+)/(\d+)", shown))
+    assert {total for _, total in counts} == {"5"} and ("5", "5") in counts
+
+
+def test_reporter_console_never_reads_emoji_or_markup():
+    screen = StringIO()
+    console = commands._stderr_console(file=screen, force_terminal=True, width=200)
+    with commands._Reporter(as_json=False, show_progress=True, total=1, console=console) as reporter:
+        reporter.result(CaptionResult(path=Path("/p/:smile: [b]x[/b].png"), size=0, mtime=0.0,
+                                      status="error", error="cause :+1: [red]"))
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "/p/:smile: [b]x[/b].png: cause :+1: [red]" in shown
+    assert "\U0001f604" not in shown and "\U0001f44d" not in shown
 
 
 def test_resume_force_and_options_reach_the_captioner(fake, photos: Path, db: Path):
@@ -232,6 +333,10 @@ def test_search(annotated: Path, db: Path):
     assert len(as_json) == 2 and {"path", "caption", "score", "model_id"} <= set(as_json[0])
     nothing = run("search", "giraffe", "--db", db)
     assert nothing.exit_code == 0 and nothing.stdout == "" and "No caption matches" in nothing.stderr
+    phrase = run("search", '"red square"', "--db", db)
+    assert phrase.exit_code == 0 and phrase.stdout.startswith(f"{annotated / 'b' / 'p000.png'}\t")
+    assert run("search", '"square red"', "--db", db).stdout == ""  # a phrase keeps word order
+    assert run("search", 'red "', "--db", db).exit_code == 0  # a stray quote is harmless
 
 
 def test_show_text_and_json(annotated: Path, db: Path, monkeypatch):
@@ -254,6 +359,18 @@ def test_show_missing_and_failed_images_exit_1(annotated: Path, db: Path):
     assert missing.exit_code == 1 and "not in" in missing.stderr
     failed = run("show", annotated / "bad.png", "--db", db)
     assert failed.exit_code == 1 and "error: not a supported image" in failed.stdout
+    failed_json = run("show", annotated / "bad.png", "--db", db, "--json")
+    assert failed_json.exit_code == 1  # the same exit code in both modes
+    assert json.loads(failed_json.stdout)["status"] == "error"
+
+
+def test_show_a_non_utf8_name_is_a_one_line_error(annotated: Path, db: Path):
+    result = run("show", annotated / os.fsdecode(LATIN1), "--db", db)
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: {annotated / LATIN1_SHOWN}: file name is not valid UTF-8, so it is not in {db}"
+        " (rename it and annotate it)\n"
+    )
 
 
 def test_show_heatmap(annotated: Path, db: Path, tmp_path: Path):

@@ -29,6 +29,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from caption_cli.display import display_text
 from caption_cli.errors import BundleError, CaptionCliError
 from caption_cli.results import CaptionResult
 from caption_cli.store import DB_ENV, DEFAULT_DB
@@ -93,18 +94,52 @@ def _captioner_or_exit(
     try:
         return load_captioner(model, device.value, beam, alternatives)
     except SearchOptionsError as exc:  # e.g. --alternatives above the bundle's beam
-        raise typer.BadParameter(str(exc), param_hint="--beam/--alternatives") from exc
+        _usage_error(str(exc), "--beam/--alternatives")
     except BundleError as exc:
         if model is not None:
-            raise typer.BadParameter(str(exc), param_hint="--model") from exc
+            _usage_error(str(exc), "--model")
         _fail(str(exc))
     except CaptionCliError as exc:
         _fail(str(exc))
 
 
 def _fail(message: str) -> NoReturn:
-    typer.echo(f"Error: {message}", err=True)
+    """One error line, exit 1. Messages often hold a path, hence display_text."""
+    typer.echo(f"Error: {display_text(message)}", err=True)
     raise typer.Exit(1)
+
+
+def _usage_error(message: str, param_hint: str) -> NoReturn:
+    """Exit 2 with Typer's usage box; paths in the message are made printable."""
+    raise typer.BadParameter(display_text(message), param_hint=param_hint)
+
+
+def _json_safe(value: Any) -> Any:
+    """Strings made valid UTF-8, in any nesting: a name that is not UTF-8 would
+    otherwise reach stdout as raw invalid bytes and break every JSON reader."""
+    if isinstance(value, str):
+        return display_text(value, escape_controls=False)  # JSON escapes controls itself
+    if isinstance(value, Path):
+        return display_text(value, escape_controls=False)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _dumps(value: Any, indent: int | None = None) -> str:
+    return json.dumps(_json_safe(value), ensure_ascii=False, indent=indent)
+
+
+def _encodes_as_utf8(text: str) -> bool:
+    """False for text holding bytes that are not UTF-8 (from a file name or argv),
+    which SQLite cannot bind."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _open_store(db: Path) -> Any:
@@ -119,9 +154,7 @@ def _open_store(db: Path) -> Any:
 def _existing_store(db: Path) -> Any:
     """Open a database that must already exist (search, show)."""
     if not db.is_file():
-        raise typer.BadParameter(
-            f"no caption database at {db} (run caption-cli annotate first)", param_hint="--db"
-        )
+        _usage_error(f"no caption database at {db} (run caption-cli annotate first)", "--db")
     return _open_store(db)
 
 
@@ -134,12 +167,25 @@ class _RateColumn(ProgressColumn):
         return Text(f"{speed:.1f} images/s" if speed else "-- images/s")
 
 
+def _interactive() -> bool:
+    """A person watches stderr: show the progress bar (a seam for tests)."""
+    return sys.stderr.isatty()
+
+
+def _stderr_console(**kwargs: Any) -> Console:
+    """The progress bar's console. It prints file names, so it never reads rich markup
+    (`[bold]`), emoji codes (`:sunny:`) or highlights in what it prints."""
+    return Console(stderr=True, markup=False, emoji=False, highlight=False, **kwargs)
+
+
 class _Reporter:
     """Everything annotate prints: error lines, --json rows, the progress bar."""
 
-    def __init__(self, as_json: bool, show_progress: bool, total: int | None) -> None:
+    def __init__(
+        self, as_json: bool, show_progress: bool, total: int | None, console: Console | None = None
+    ) -> None:
         self.as_json = as_json
-        self.console = Console(stderr=True)
+        self.console = console or _stderr_console()
         self.progress: Progress | None = None
         if show_progress:
             self.progress = Progress(
@@ -164,14 +210,16 @@ class _Reporter:
         if self.progress:
             self.progress.stop()
 
-    def _err(self, line: str) -> None:
+    def _err(self, path: Path | str, message: str) -> None:
+        """One line per file: control characters in the name or message are escaped."""
+        line = f"{display_text(path)}: {display_text(message)}"
         if self.progress:
-            self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self.progress.console.print(line, markup=False, emoji=False, highlight=False, soft_wrap=True)
         else:
             typer.echo(line, err=True)
 
     def _json(self, row: dict) -> None:
-        typer.echo(json.dumps(row, ensure_ascii=False))
+        typer.echo(_dumps(row))
 
     def _advance(self) -> None:
         if self.progress:
@@ -179,12 +227,12 @@ class _Reporter:
 
     def result(self, result: CaptionResult) -> None:
         if result.status == "error":
-            self._err(f"{result.path}: {result.error}")
+            self._err(result.path, result.error or "failed")
         if self.as_json:
             caption = result.caption
             self._json(
                 {
-                    "path": str(result.path),
+                    "path": result.path,
                     "status": result.status,
                     "caption": caption.text if caption else None,
                     "score": caption.score if caption else None,
@@ -202,12 +250,12 @@ class _Reporter:
 
     def skipped(self, path: Path) -> None:
         if self.as_json:
-            self._json({"path": str(path), "status": "skipped", "caption": None, "score": None, "error": None})
+            self._json({"path": path, "status": "skipped", "caption": None, "score": None, "error": None})
         self._advance()
 
     def metadata(self, outcome: Any) -> None:
         if outcome.status == "error":
-            self._err(f"{outcome.path}: metadata not written: {outcome.message}")
+            self._err(outcome.path, f"metadata not written: {outcome.message}")
 
 
 def annotate(
@@ -253,13 +301,9 @@ def annotate(
     from caption_cli.pipeline import annotate as run_pipeline
 
     # Everything the user can get wrong is checked before the model loads.
-    if beam is not None and alternatives is not None and alternatives > beam:
-        raise typer.BadParameter(
-            f"--alternatives {alternatives} is more than --beam {beam}; use at most {beam}",
-            param_hint="--alternatives",
-        )
+    _check_search_options(beam, alternatives)
     if not dry_run and not db.resolve().parent.is_dir():
-        raise typer.BadParameter(f"folder {db.parent} does not exist", param_hint="--db")
+        _usage_error(f"folder {db.parent} does not exist", "--db")
     options = AnnotateOptions(
         recursive=recursive,
         include_hidden=include_hidden,
@@ -267,20 +311,22 @@ def annotate(
         workers=default_workers() if workers is None else workers,
         force=force,
     )
-    show_progress = sys.stderr.isatty()
+    show_progress = _interactive()
 
     with ExitStack() as stack:
-        # Cheap failures first (exiftool missing, a broken database), then the model.
+        # Cheap failures first (exiftool missing), then the model, then the store: a
+        # bad --model, or --alternatives above the bundle's beam, is only found once the
+        # bundle is read, and a usage error must not leave a new empty database behind.
         writer = None
         if write_metadata is not None:
             writer = stack.enter_context(_metadata_writer(write_metadata, dry_run))
+        captioner = _captioner_or_exit(model, device, beam, alternatives)
         if dry_run:
             from caption_cli.store import DryRunStore
 
             store = stack.enter_context(DryRunStore(db))
         else:
             store = stack.enter_context(_open_store(db))
-        captioner = _captioner_or_exit(model, device, beam, alternatives)
         total = _count(paths, options) if show_progress else None
         reporter = stack.enter_context(_Reporter(as_json, show_progress, total))
         try:
@@ -311,6 +357,21 @@ def annotate(
         raise typer.Exit(1)
 
 
+def _check_search_options(beam: int | None, alternatives: int | None) -> None:
+    """--beam and --alternatives against the beam search's own limits, before anything
+    loads or any database is created. (Typer's min=1 already refused zero.)"""
+    from caption_cli.beam import BEAM_SIZE_RANGE
+
+    widest = BEAM_SIZE_RANGE[1]
+    for option, value in (("--beam", beam), ("--alternatives", alternatives)):
+        if value is not None and value > widest:
+            _usage_error(f"{value} is more than {widest}, the beam search's limit", option)
+    if beam is not None and alternatives is not None and alternatives > beam:
+        _usage_error(
+            f"--alternatives {alternatives} is more than --beam {beam}; use at most {beam}", "--alternatives"
+        )
+
+
 def _metadata_writer(mode: MetadataMode, dry_run: bool) -> Any:
     """An open MetadataWriter (exiftool started), or a usage error saying what is missing."""
     try:
@@ -327,17 +388,34 @@ def _metadata_writer(mode: MetadataMode, dry_run: bool) -> Any:
 
 
 def _count(paths: list[Path], options: Any) -> int:
-    """Files to expect, for the progress bar's ETA (a quick second walk)."""
+    """Files to expect, for the progress bar's total and ETA (a quick second walk).
+
+    What the walk reports instead of yielding (a name that is not UTF-8, a folder that
+    cannot be listed) reaches the reporter as a failed file too, so it counts: the bar
+    then ends at exactly its total.
+    """
     from caption_cli.images import walk
 
-    return sum(1 for _ in walk(paths, options.recursive, options.include_hidden))
+    reported = 0
+
+    def count_reported(path: Path, message: str) -> None:
+        nonlocal reported
+        reported += 1
+
+    found = sum(1 for _ in walk(paths, options.recursive, options.include_hidden, on_error=count_reported))
+    return found + reported
 
 
 # -------------------------------------------------------------------------- search
 
 
 def search(
-    query: Annotated[str, typer.Argument(help="Words to look for in captions.")],
+    query: Annotated[
+        str,
+        typer.Argument(
+            help='Words to look for in captions: every word must match (stemmed), "quoted words" as a phrase.'
+        ),
+    ],
     db: DbOption = DEFAULT_DB,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most results to show.")] = 20,
     as_json: JsonOption = False,
@@ -346,8 +424,7 @@ def search(
 
     Example: caption-cli search "dog on a beach" --limit 5
     """
-    if not query.strip():
-        raise typer.BadParameter("the query is empty", param_hint="QUERY")
+    _check_query(query)
     store = _existing_store(db)
     with store:
         try:
@@ -355,12 +432,30 @@ def search(
         except CaptionCliError as exc:
             _fail(str(exc))
     if as_json:
-        typer.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        typer.echo(_dumps(rows, indent=2))
         return
     if not rows:
         typer.echo(f"No caption matches {query!r}.", err=True)
     for row in rows:
-        typer.echo(f"{row['path']}\t{row['caption']}\t{row['score']:.3f}")
+        typer.echo(f"{display_text(row['path'])}\t{row['caption']}\t{row['score']:.3f}")
+
+
+def _check_query(query: str) -> None:
+    """Refuse, as usage errors, queries the full-text index cannot run.
+
+    The store quotes every word, so FTS operators (OR, NOT, NEAR, *) are plain words and
+    only "..." phrases keep a meaning; a query with no word at all (`"`, `*`) would
+    quote down to nothing, which FTS5 calls a syntax error.
+    """
+    if not query.strip():
+        _usage_error("the query is empty", "QUERY")
+    if not _encodes_as_utf8(query):
+        _usage_error(f"the query is not valid UTF-8: {display_text(query)}", "QUERY")
+    if not any(ch.isalnum() for ch in query):
+        _usage_error(
+            f"the query {query!r} has no word to look for; give words, or \"words in quotes\" for a phrase",
+            "QUERY",
+        )
 
 
 # ---------------------------------------------------------------------------- show
@@ -380,10 +475,13 @@ def show(
     Example: caption-cli show ~/Pictures/beach.jpg --heatmap beach-attention.png
     """
     if heatmap is not None and not heatmap.resolve().parent.is_dir():
-        raise typer.BadParameter(f"folder {heatmap.parent} does not exist", param_hint="--heatmap")
+        _usage_error(f"folder {heatmap.parent} does not exist", "--heatmap")
     store = _existing_store(db)
     with store:
-        row = store.get_image(os.path.abspath(path))
+        lookup = os.path.abspath(path)
+        if not _encodes_as_utf8(lookup):  # annotate refuses such names, so none is stored
+            _fail(f"{path}: file name is not valid UTF-8, so it is not in {db} (rename it and annotate it)")
+        row = store.get_image(lookup)
         if row is None:
             _fail(f"{path}: not in {db} (run caption-cli annotate on it first)")
         alternatives = store.alternatives(row["id"])
@@ -395,12 +493,14 @@ def show(
         row["alternatives"] = alternatives
         row["words"] = [word for word, _ in attention]
         if heatmap is not None:
-            row["heatmap"] = str(heatmap)
-        typer.echo(json.dumps(row, ensure_ascii=False, indent=2))
+            row["heatmap"] = heatmap
+        typer.echo(_dumps(row, indent=2))
+        if row["status"] != "ok":
+            raise typer.Exit(1)  # as in text mode: the photo failed
         return
-    typer.echo(row["path"])
+    typer.echo(display_text(row["path"]))
     if row["status"] != "ok":
-        typer.echo(f"  error: {row['error']}")
+        typer.echo(f"  error: {display_text(row['error'] or 'failed')}")
         raise typer.Exit(1)
     typer.echo(f"  caption: {row['caption']}  (score {row['score']:.3f})")
     typer.echo(f"  model: {row['model_id']}, captioned {row['captioned_at']}, {row['width']}x{row['height']} px")
@@ -409,7 +509,7 @@ def show(
         for alt in alternatives:
             typer.echo(f"    {alt['rank']}. {alt['caption']}  ({alt['score']:.3f})")
     if heatmap is not None:
-        typer.echo(f"  attention heat-map: {heatmap}")
+        typer.echo(f"  attention heat-map: {display_text(heatmap)}")
 
 
 def _write_heatmap(row: dict, attention: list, out: Path) -> None:
@@ -460,7 +560,7 @@ def info(
         "device": captioner.device,
     }
     if as_json:
-        typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
+        typer.echo(_dumps(data, indent=2))
         return
     typer.echo(f"model:     {data['name']} ({data['model_id']})")
     typer.echo(f"backbone:  {data['backbone']}, {data['image_size']} px, grid {'x'.join(map(str, data['grid']))}")
