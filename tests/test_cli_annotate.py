@@ -119,6 +119,7 @@ def test_annotate_bad_files_one_line_each_exit_1(fake, tmp_path: Path, db: Path)
     [
         (["annotate", "{tmp}/nowhere"], "does not exist"),
         (["annotate", "{photos}", "--batch-size", "0"], "--batch-size"),
+        (["annotate", "{photos}", "--batch-size", "100000"], "--batch-size"),
         (["annotate", "{photos}", "--workers", "-1"], "--workers"),
         (["annotate", "{photos}", "--device", "tpu"], "--device"),
         (["annotate", "{photos}", "--beam", "2", "--alternatives", "3"], "--alternatives 3 is more than --beam 2"),
@@ -258,6 +259,11 @@ def test_resume_force_and_options_reach_the_captioner(fake, photos: Path, db: Pa
     assert run("annotate", photos, "--db", db, "--workers", "0").exit_code == 0
     again = run("annotate", photos, "--db", db, "--workers", "0")
     assert again.exit_code == 0 and again.stdout.startswith("Captioned 0, skipped 3, failed 0")
+    assert "--force" not in again.stderr  # same options: nothing to hint at
+    other_options = run("annotate", photos, "--db", db, "--workers", "0", "--beam", "5")
+    assert other_options.exit_code == 0 and other_options.stdout.startswith("Captioned 0, skipped 3")
+    assert "3 file(s) were already captioned by this model" in other_options.stderr
+    assert "add --force" in other_options.stderr
     forced = run(
         "annotate", photos, "--db", db, "--workers", "0", "--force",
         "--device", "cpu", "--beam", "5", "--alternatives", "2", "--batch-size", "2",

@@ -34,6 +34,8 @@ from caption_cli.errors import BundleError, CaptionCliError
 from caption_cli.results import CaptionResult
 from caption_cli.store import DB_ENV, DEFAULT_DB
 
+MAX_BATCH = 1024  # images held in memory at once (decoded pixels, beams): a typo must not exhaust RAM
+
 
 class Device(str, Enum):
     auto = "auto"
@@ -265,7 +267,9 @@ def annotate(
     db: DbOption = DEFAULT_DB,
     model: ModelOption = None,
     device: DeviceOption = Device.auto,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per model call.")] = 16,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Images per model call.")
+    ] = 16,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -353,6 +357,9 @@ def annotate(
     if dry_run:
         line += " (dry run: nothing was written)"
     typer.echo(line + ".", err=as_json)
+    if summary.skipped and not force and (beam is not None or alternatives is not None):
+        typer.echo(f"{summary.skipped} file(s) were already captioned by this model and kept their captions; "
+                   "add --force to caption them again with these search options.", err=True)
     if not summary.ok:
         raise typer.Exit(1)
 
