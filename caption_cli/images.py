@@ -4,18 +4,29 @@
 without looping); `decode` reads one file whatever shape it is in (EXIF rotation,
 CMYK, 16-bit, alpha, HEIC, animations) and reports a bad one as a value instead of
 raising; `decode_many` runs `decode` in worker processes with bounded look-ahead so
-memory stays flat however many photos there are.
+memory stays flat however many photos there are, and a worker that dies (out of memory,
+a codec crash) costs only the file it was reading.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import pickle
+import signal
 import stat
+import sys
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import (
+    BrokenExecutor,
+    CancelledError,
+    Future,
+    ProcessPoolExecutor,
+)
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +87,7 @@ def walk(
     given_files: set[Path] = set()  # files named as roots: few, so a set is fine
     report = on_error or (lambda path, message: None)
     for root in roots:
-        root = Path(os.path.abspath(root))
+        root = _absolute(root)
         if root.is_dir():
             for path in _walk_folder(root, recursive, include_hidden, visited, report):
                 if path not in given_files:
@@ -85,6 +96,29 @@ def walk(
             given_files.add(root)
             if _valid_name(root, report):
                 yield root
+
+
+def _absolute(root: Path | str) -> Path:
+    """The root as an absolute path, with each `..` meaning what the kernel makes of it.
+
+    os.path.abspath drops `link/..` as text, which names the folder holding the link,
+    but the kernel (and `ls link/..`) goes to the parent of the link's *target*. So a
+    `..` that follows a symlink resolves that link first. Every other part stays as
+    typed, symlinks included, because the paths yielded under a root are the paths
+    stored: realpath of the whole root would move the rows of symlinked roots.
+    """
+    path = Path(os.path.join(os.getcwd(), root))  # an absolute root stays as is
+    if ".." not in path.parts:
+        return Path(os.path.abspath(path))
+    resolved = Path(path.anchor)
+    for part in path.parts[1:]:
+        if part != "..":
+            resolved = resolved / part
+            continue
+        if os.path.islink(resolved):  # otherwise (a folder, or missing) `..` is text
+            resolved = Path(os.path.realpath(resolved))
+        resolved = resolved.parent
+    return resolved
 
 
 def _already_walked(path: Path, include_hidden: bool, visited: set[tuple[int, int]]) -> bool:
@@ -276,31 +310,183 @@ def describe_error(exc: BaseException, path: Path) -> str:
 
 # --------------------------------------------------------------------- decode_many
 
+DecodeFn = Callable[[Path, int], DecodedImage]
+
+WORKER_DIED = (
+    "the decoder process died while reading this file, also when retried alone "
+    "(killed or crashed: out of memory, or a fault in the image codec)"
+)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
 
 def decode_many(
-    paths: Iterable[Path], size: int, workers: int, prefetch: int | None = None
+    paths: Iterable[Path],
+    size: int,
+    workers: int,
+    prefetch: int | None = None,
+    decode_fn: DecodeFn = decode,
 ) -> Iterator[DecodedImage]:
     """decode() every path in worker processes; results come back in input order.
 
     At most `prefetch` (default 4 per worker) files are in flight, so the paths can
     be an endless generator and memory stays flat. workers <= 0 decodes in this
-    process (small runs, debugging). Workers are spawned, not forked: the parent
-    may already hold onnxruntime threads, which a fork would copy mid-flight.
+    process (small runs, debugging). A worker that dies (killed for memory, a codec
+    crash) costs at most the file it was reading, never the run: see _OrderedDecoders.
+    decode_fn must be a top-level function, because workers import it by name (tests
+    pass one that crashes on purpose). The generator must be consumed by a thread that
+    outlives it: workers are tied to the thread that started them (see _init_worker).
     """
     if workers <= 0:
         for path in paths:
-            yield decode(path, size)
+            yield decode_fn(path, size)
         return
     limit = max(1, prefetch or 4 * workers)
-    context = multiprocessing.get_context("spawn")
-    pending: deque[Future[DecodedImage]] = deque()
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    decoders = _OrderedDecoders(workers, size, decode_fn)
     try:
         for path in paths:
-            pending.append(pool.submit(decode, path, size))
-            if len(pending) >= limit:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+            decoders.put(path)
+            if len(decoders) >= limit:
+                yield decoders.get()
+        while len(decoders):
+            yield decoders.get()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        decoders.close()
+
+
+class _OrderedDecoders:
+    """A process pool that hands results back in input order and outlives a dead worker.
+
+    When one worker dies, ProcessPoolExecutor fails every file in flight, although
+    only one of them was being read by that worker. So the broken pool is replaced
+    and each lost file is retried alone: a file that kills its worker again is the
+    culprit and gets WORKER_DIED; the innocent ones decode as usual. A file is tried
+    at most twice, so a poison file cannot loop, nor take other files with it.
+    """
+
+    def __init__(self, workers: int, size: int, decode_fn: DecodeFn) -> None:
+        try:  # a lambda would fail once per file, in the workers: say so once, here
+            pickle.dumps(decode_fn)
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            raise TypeError(f"decode_fn must be a top-level function ({exc})") from None
+        self._workers = workers
+        self._size = size
+        self._decode_fn = decode_fn
+        # Oldest first; a retried file holds its result instead of a future.
+        self._pending: deque[tuple[Path, Future[DecodedImage] | DecodedImage]] = deque()
+        self._pool = self._new_pool()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def put(self, path: Path) -> None:
+        try:
+            future = self._submit(path)
+        except BrokenExecutor:  # a worker died since the last result
+            self._recover()
+            future = self._submit(path)
+        self._pending.append((path, future))
+
+    def get(self) -> DecodedImage:
+        """The oldest file's result, waiting for it."""
+        path, outcome = self._pending[0]
+        if isinstance(outcome, Future) and _lost(outcome):
+            self._recover()
+        path, outcome = self._pending.popleft()
+        return outcome if isinstance(outcome, DecodedImage) else _result(path, outcome)
+
+    def close(self) -> None:
+        # Running decodes finish (workers ignore Ctrl-C); queued ones are dropped.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _recover(self) -> None:
+        """Swap the broken pool for a fresh one, then retry alone each file it lost."""
+        self._replace_pool()
+        for index in range(len(self._pending)):
+            path, outcome = self._pending[index]
+            if isinstance(outcome, Future) and _lost(outcome):
+                self._pending[index] = (path, self._retry_alone(path))
+
+    def _retry_alone(self, path: Path) -> DecodedImage:
+        """Decode one file with nothing else in flight, so a crash can only be its own."""
+        future = self._submit(path)
+        if not _lost(future):
+            return _result(path, future)
+        self._replace_pool()
+        return DecodedImage(path, None, None, None, WORKER_DIED)
+
+    def _submit(self, path: Path) -> Future[DecodedImage]:
+        # Workers are spawned inside submit. Started with SIGINT blocked, they hold a
+        # Ctrl-C that comes while they boot until _init_worker has ignored it
+        # (multiprocessing's resource tracker starts the same way).
+        with _sigint_blocked():
+            return self._pool.submit(self._decode_fn, path, self._size)
+
+    def _replace_pool(self) -> None:
+        # shutdown(wait) joins the broken pool's manager thread, which has failed
+        # or finished every one of its futures by then.
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # Spawned, not forked: the parent may already hold onnxruntime threads, which
+        # a fork would copy mid-flight. Workers start on demand, as submits need them.
+        return ProcessPoolExecutor(
+            max_workers=self._workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(os.getpid(),),
+        )
+
+
+def _lost(future: Future[DecodedImage]) -> bool:
+    """Wait for a future; whether it failed because its pool broke (a worker died)."""
+    try:
+        return isinstance(future.exception(), BrokenExecutor)
+    except CancelledError:  # cancelled when its broken pool was shut down
+        return True
+
+
+def _result(path: Path, future: Future[DecodedImage]) -> DecodedImage:
+    """The future's result; a decode_fn that raised (decode never does) is an error too."""
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001 - one bad file must never end the run
+        return DecodedImage(path, None, None, None, describe_error(exc, path))
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread; one that arrives meanwhile is delivered after."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _init_worker(parent_pid: int) -> None:
+    """Tie a decode worker's life to its parent and leave Ctrl-C to the parent.
+
+    A worker whose parent is SIGKILLed would wait for work forever (it holds the
+    write end of its own task queue, so it never sees end-of-file), and so would
+    multiprocessing's resource tracker, which waits for the workers. On Linux the
+    parent-death signal ends the worker, and the tracker follows. The kernel sends it
+    when the *thread* that started the worker ends, hence decode_many's rule about
+    threads. Ctrl-C reaches the whole process group; ignoring it here spares a
+    KeyboardInterrupt traceback per worker, and the parent shuts the pool down.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # drops one held since _submit
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if sys.platform.startswith("linux"):
+        try:
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+            prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # no libc or no prctl: live without it
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(0)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +122,20 @@ def test_walk_never_yields_a_file_twice_when_roots_overlap(tmp_path: Path):
     assert list(walk([one, tmp_path])) == [one, tmp_path / "two.jpg"]
     assert list(walk([tmp_path, one])) == [one, tmp_path / "two.jpg"]
     assert list(walk([tmp_path / "sub-that-is-not-there" / "..", tmp_path])) == [one, tmp_path / "two.jpg"]
+
+
+def test_walk_dot_dot_after_a_symlink_goes_to_the_parent_of_its_target(tmp_path: Path):
+    photo(tmp_path / "real" / "sibling.jpg")
+    photo(tmp_path / "real" / "inner" / "in.jpg")
+    photo(tmp_path / "other" / "decoy.jpg")  # what abspath's textual `link/..` would walk
+    link = tmp_path / "other" / "link"
+    os.symlink(tmp_path / "real" / "inner", link)
+    assert list(walk([link / ".."], recursive=False)) == [tmp_path / "real" / "sibling.jpg"]
+    assert list(walk([link / ".." / "inner"])) == [tmp_path / "real" / "inner" / "in.jpg"]
+    # Only a link followed by `..` is resolved; the rest of a root stays as typed.
+    (tmp_path / "real" / "inner" / "sub").mkdir()
+    assert list(walk([link / "sub" / ".."])) == [link / "in.jpg"]
+    assert list(walk([link])) == [link / "in.jpg"]
 
 
 def test_walk_yields_dangling_symlink_so_it_becomes_an_error_row(tmp_path: Path):
@@ -384,3 +404,156 @@ def test_decode_many_without_workers(tmp_path: Path):
     results = list(decode_many(iter(paths), S, workers=0))
     assert [r.path for r in results] == paths
     assert results[0].error is None and results[1].error == "empty file (0 bytes)"
+
+
+# ----------------------------------------------------------- decode_many: processes
+
+
+def decode_or_die(path: Path, size: int) -> images.DecodedImage:
+    """decode, but a worker reading `poison*` is SIGKILLed (as the OOM killer would),
+    and one reading `flaky*` crashes the first time only (a marker file remembers)."""
+    if path.name.startswith("poison"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if path.name.startswith("flaky") and not path.with_suffix(".crashed").exists():
+        path.with_suffix(".crashed").touch()
+        os._exit(3)
+    return decode(path, size)
+
+
+def test_decode_many_survives_workers_that_die(tmp_path: Path):
+    names = ["p0", "p1", "flaky", "p3", "p4", "p5", "poison", "p7", "p8", "p9"]
+    paths = [photo(tmp_path / f"{n}.png", color=(i * 20, 0, 0)) for i, n in enumerate(names)]
+
+    # One worker, so a crash also fails the files queued behind it (p3 at least).
+    results = list(decode_many(iter(paths), S, workers=1, prefetch=4, decode_fn=decode_or_die))
+
+    assert [r.path for r in results] == paths
+    for i, result in enumerate(results):
+        if names[i] == "poison":  # killed its worker twice, the second time alone
+            assert result.pixels is None and result.error == images.WORKER_DIED
+        else:  # in flight beside a crash, or crashed once: retried, decoded
+            assert result.error is None and result.pixels[0, 0, 0] == i * 20
+    assert (tmp_path / "flaky.crashed").exists()
+
+
+def test_decode_many_refuses_a_decode_fn_workers_cannot_import(tmp_path: Path):
+    paths = iter([photo(tmp_path / "a.png")])
+    stream = decode_many(paths, S, workers=1, decode_fn=lambda path, size: decode(path, size))
+    with pytest.raises(TypeError, match="^decode_fn must be a top-level function .*lambda"):
+        next(stream)
+
+
+# A parent that decodes with two workers, then waits to be killed ("wait"); or whose
+# process group gets a Ctrl-C while both workers are still starting up ("ctrl-c").
+PARENT = """
+import os, signal, sys, time
+from pathlib import Path
+from caption_cli.images import decode_many
+
+mode, names = sys.argv[1], sys.argv[2:]
+booting = Path(names[0]).parent / "booting"
+
+if __name__ == "__mp_main__" and mode == "ctrl-c":  # a worker starting up imports this
+    (booting / str(os.getpid())).touch()  # first: stay here, as if importing, until the
+    deadline = time.monotonic() + 30  # Ctrl-C has come (raised here, or held pending)
+    while signal.SIGINT not in signal.sigpending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def paths():
+    for i, name in enumerate(names):
+        if i == 2 and mode == "ctrl-c":  # the first two submits spawned the workers
+            deadline = time.monotonic() + 60
+            while len(list(booting.iterdir())) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.killpg(0, signal.SIGINT)
+        yield Path(name)
+
+
+if __name__ == "__main__":
+    booting.mkdir()
+    try:
+        stream = decode_many(paths(), 32, workers=2, prefetch=4)
+        next(stream)
+        print("decoding", flush=True)
+        time.sleep(60)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+"""
+
+
+def start_parent(tmp_path: Path, mode: str) -> subprocess.Popen:
+    """The PARENT script as a file: spawned workers import it first, so its hook runs."""
+    paths = [str(photo(tmp_path / f"p{i}.png")) for i in range(4)]
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    repo = str(Path(images.__file__).parents[1])  # the caption_cli under test
+    python_path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, str(script), mode, *paths],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": python_path},
+        start_new_session=True,  # its own process group, as a shell job has
+    )
+
+
+def kill_group(pgid: int) -> None:
+    """Never leave orphans behind, even when a test fails."""
+    for pid in group(pgid):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def group(pgid: int) -> list[int]:
+    """Live processes of a process group, from /proc (orphans keep their group)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat_line = (entry / "stat").read_text() if entry.name.isdigit() else ""
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat_line.rpartition(")")[2].split()  # the name in (...) may hold spaces
+        if fields and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def wait_group_gone(pgid: int, seconds: float = 10) -> list[int]:
+    """Poll until the group has no live process; those still there at the deadline."""
+    deadline = time.monotonic() + seconds
+    while (left := group(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+@linux_only
+def test_decode_many_workers_exit_when_the_parent_is_killed(tmp_path: Path):
+    parent = start_parent(tmp_path, "wait")
+    try:
+        ready, _, _ = select.select([parent.stdout], [], [], 60)
+        if not ready or parent.stdout.readline() != "decoding\n":
+            parent.kill()
+            pytest.fail(f"the parent did not start decoding: {parent.communicate()[1]}")
+        assert len(group(parent.pid)) >= 3  # the parent, two workers, the resource tracker
+        parent.kill()  # as the OOM killer would: no cleanup runs in the parent
+        parent.wait()
+        assert wait_group_gone(parent.pid) == []
+    finally:
+        kill_group(parent.pid)
+
+
+@linux_only
+def test_decode_many_ctrl_c_is_one_interrupt_in_the_parent_not_one_per_worker(tmp_path: Path):
+    parent = start_parent(tmp_path, "ctrl-c")
+    try:
+        out, err = parent.communicate(timeout=60)
+        assert (out, parent.returncode) == ("interrupted\n", 0)
+        assert "KeyboardInterrupt" not in err and "Traceback" not in err, err
+        assert wait_group_gone(parent.pid) == []  # the pool was shut down
+    finally:
+        kill_group(parent.pid)
