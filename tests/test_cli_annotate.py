@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from io import StringIO
 from pathlib import Path
@@ -242,6 +243,38 @@ def test_progress_bar_prints_names_literally_and_ends_at_its_total(fake, photos:
     assert f"{photos / LATIN1_SHOWN}: " in shown
     counts = set(re.findall(r"(\d+)/(\d+)", shown))
     assert {total for _, total in counts} == {"5"} and ("5", "5") in counts
+
+
+def test_captioning_does_not_wait_for_the_count_behind_the_bar(photos: Path, db: Path, monkeypatch):
+    """On a NAS counting the files is a long second walk: it runs beside the captioning."""
+    screen = StringIO()
+    monkeypatch.setattr(commands, "_interactive", lambda: True)
+    real_console = commands._stderr_console
+    monkeypatch.setattr(commands, "_stderr_console", lambda: real_console(file=screen, force_terminal=True, width=300))
+    captioning = threading.Event()
+
+    class SignallingCaptioner(FakeCaptioner):
+        def caption(self, pixels):
+            captioning.set()
+            return super().caption(pixels)
+
+    monkeypatch.setattr(commands, "load_captioner", lambda *args, **kwargs: SignallingCaptioner())
+    count_saw_captioning = []
+
+    def slow_count(paths, options):
+        count_saw_captioning.append(captioning.wait(timeout=10))  # a walk slower than the run
+        return 3
+
+    monkeypatch.setattr(commands, "_count", slow_count)
+    result = run("annotate", photos, "--db", db, "--workers", "0")
+    assert result.exit_code == 0 and result.stdout.startswith("Captioned 3, skipped 0, failed 0")
+    for _ in range(100):  # the count thread returns once captioning has started
+        if count_saw_captioning:
+            break
+        time.sleep(0.05)
+    assert count_saw_captioning == [True]
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
+    assert "3/3" in shown  # the last frame shows what was done, count or not
 
 
 def test_reporter_console_never_reads_emoji_or_markup():

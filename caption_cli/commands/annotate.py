@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
@@ -210,7 +212,15 @@ class _Reporter:
 
     def __exit__(self, *exc_info: object) -> None:
         if self.progress:
+            # the last frame shows what was done, also when the count has not finished
+            done = self.progress.tasks[0].completed
+            self.progress.update(self.task, total=max(done, self.progress.tasks[0].total or 0))
             self.progress.stop()
+
+    def set_total(self, total: int) -> None:
+        """The number of files to expect, once the background count knows it."""
+        if self.progress:
+            self.progress.update(self.task, total=total)
 
     def _err(self, path: Path | str, message: str) -> None:
         """One line per file: control characters in the name or message are escaped."""
@@ -331,8 +341,9 @@ def annotate(
             store = stack.enter_context(DryRunStore(db))
         else:
             store = stack.enter_context(_open_store(db))
-        total = _count(paths, options) if show_progress else None
-        reporter = stack.enter_context(_Reporter(as_json, show_progress, total))
+        reporter = stack.enter_context(_Reporter(as_json, show_progress, total=None))
+        if show_progress:
+            _count_in_background(paths, options, reporter.set_total)
         try:
             summary = run_pipeline(
                 paths,
@@ -392,6 +403,23 @@ def _metadata_writer(mode: MetadataMode, dry_run: bool) -> Any:
         return writer.open()
     except CaptionCliError as exc:
         _fail(str(exc))
+
+
+def _count_in_background(paths: list[Path], options: Any, on_total: Callable[[int], None]) -> None:
+    """Count the files to expect in a daemon thread and hand the number to on_total.
+
+    Captioning starts at once instead of after a second full walk (minutes on a NAS);
+    until the count is in, the bar shows done/? and no ETA. The count only feeds the
+    bar, so a failure in it is not the run's failure.
+    """
+
+    def count() -> None:
+        try:
+            on_total(_count(paths, options))
+        except Exception:  # noqa: BLE001 - cosmetic: the run goes on without a total
+            pass
+
+    threading.Thread(target=count, name="caption-cli-count", daemon=True).start()
 
 
 def _count(paths: list[Path], options: Any) -> int:
