@@ -5,7 +5,8 @@ without looping); `decode` reads one file whatever shape it is in (EXIF rotation
 CMYK, 16-bit, alpha, HEIC, animations) and reports a bad one as a value instead of
 raising; `decode_many` runs `decode` in worker processes with bounded look-ahead so
 memory stays flat however many photos there are, and a worker that dies (out of memory,
-a codec crash) costs only the file it was reading.
+a codec crash) costs only the file it was reading, unless workers cannot run at all
+(DecoderError then ends the run instead of failing every file).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-from caption_cli.errors import ImageError
+from caption_cli.errors import CaptionCliError, ImageError
 from caption_cli.preprocess import model_pixels
 
 IMAGE_EXTENSIONS = frozenset(
@@ -45,6 +46,7 @@ IMAGE_EXTENSIONS = frozenset(
 PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "TIFF", "BMP", "GIF")
 _ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_JPEG_MAGIC = b"\xff\xd8\xff"  # what Pillow's JPEG plugin accepts
 
 WalkErrorHandler = Callable[[Path, str], None]
 
@@ -251,7 +253,7 @@ def _decode(path: Path, size: int) -> DecodedImage:
     if path.stat().st_size == 0:
         raise ImageError("empty file (0 bytes)")
     _register_heif()
-    with Image.open(path, formats=PILLOW_FORMATS) as image:
+    with _open(path) as image:
         width, height = image.size
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         if orientation in _ROTATED_ORIENTATIONS:
@@ -260,10 +262,51 @@ def _decode(path: Path, size: int) -> DecodedImage:
             # DCT scaling: decode at 1/2, 1/4 or 1/8 while both sides stay >= size,
             # so a 24 MP photo costs a fraction of a full decode and loses nothing.
             image.draft("RGB", (size, size))
+        _check_decoded_size(image, width * height)  # before any pixel is decoded
         image.load()  # first frame of an animation or a multi-page TIFF
         upright = ImageOps.exif_transpose(image)
         pixels = model_pixels(to_rgb(upright), size)
     return DecodedImage(path, pixels, width, height)
+
+
+def _open(path: Path) -> Image.Image:
+    """Image.open, except that a JPEG too big for Pillow's decompression-bomb guard
+    still opens: the guard judges the header size, but draft() decodes a JPEG at up
+    to 1/8 per side, so a 200 MP panorama costs about 3 MP. _check_decoded_size then
+    judges the size draft() leaves. Every other format decodes at full size and keeps
+    Pillow's guard as is (WebP, say, allocates its canvas while opening).
+
+    Nothing global changes (a relaxed Image.MAX_IMAGE_PIXELS would relax it for
+    every thread of a process that decodes with workers=0): Image.open applies the
+    guard after the format plugin has read the header, and the JPEG plugin itself
+    does not, so opening the file through the plugin reads the header unchecked.
+    """
+    try:
+        return Image.open(path, formats=PILLOW_FORMATS)
+    except Image.DecompressionBombError:
+        with open(path, "rb") as file:
+            is_jpeg = file.read(len(_JPEG_MAGIC)) == _JPEG_MAGIC
+        if not is_jpeg:
+            raise
+    # The first frame only, as for any JPEG: an MPO's first picture is this one too.
+    return JpegImagePlugin.JpegImageFile(path)
+
+
+def _check_decoded_size(image: Image.Image, header_pixels: int) -> None:
+    """Pillow's decompression-bomb limit, applied to what will really be decoded.
+
+    For every image but a huge JPEG (see _open), Image.open has checked the same
+    size already; a JPEG is refused when even its draft() size is over the limit
+    (no DCT scaling possible, or the file is more than 64 times the limit).
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    decoded = image.width * image.height
+    if limit is not None and decoded > 2 * limit:
+        raise Image.DecompressionBombError(
+            f"Image size ({header_pixels} pixels, {decoded} when decoded at the smallest "
+            f"JPEG scale that fits the model) exceeds limit of {2 * limit} pixels, "
+            "could be decompression bomb DOS attack."
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -316,7 +359,20 @@ WORKER_DIED = (
     "the decoder process died while reading this file, also when retried alone "
     "(killed or crashed: out of memory, or a fault in the image codec)"
 )
+# Files in a row that kill a fresh worker even alone, none decoded in between, before
+# decode_many gives up: by then the workers themselves cannot run (see DecoderError).
+WORKER_DEATHS_IN_A_ROW = 8
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+class DecoderError(CaptionCliError):
+    """The decoder processes die whatever file they read, so the run stops.
+
+    Each file a dying worker loses costs two process starts before it is marked
+    WORKER_DIED; when workers cannot start or run at all (an import error in the
+    spawned interpreter, a sandbox that kills every child) a large run would crawl
+    for hours producing only errors. Files handed out before keep their results.
+    """
 
 
 def decode_many(
@@ -361,6 +417,8 @@ class _OrderedDecoders:
     and each lost file is retried alone: a file that kills its worker again is the
     culprit and gets WORKER_DIED; the innocent ones decode as usual. A file is tried
     at most twice, so a poison file cannot loop, nor take other files with it.
+    When WORKER_DEATHS_IN_A_ROW files in a row kill their worker alone, and no worker
+    has finished a file in between, the workers are what is broken: DecoderError.
     """
 
     def __init__(self, workers: int, size: int, decode_fn: DecodeFn) -> None:
@@ -373,6 +431,7 @@ class _OrderedDecoders:
         self._decode_fn = decode_fn
         # Oldest first; a retried file holds its result instead of a future.
         self._pending: deque[tuple[Path, Future[DecodedImage] | DecodedImage]] = deque()
+        self._deaths_in_a_row = 0  # files that killed a worker alone since one decoded
         self._pool = self._new_pool()
 
     def __len__(self) -> int:
@@ -389,8 +448,11 @@ class _OrderedDecoders:
     def get(self) -> DecodedImage:
         """The oldest file's result, waiting for it."""
         path, outcome = self._pending[0]
-        if isinstance(outcome, Future) and _lost(outcome):
-            self._recover()
+        if isinstance(outcome, Future):
+            if _lost(outcome):
+                self._recover()
+            else:  # a worker finished it (a decode error is still a worker's result)
+                self._deaths_in_a_row = 0
         path, outcome = self._pending.popleft()
         return outcome if isinstance(outcome, DecodedImage) else _result(path, outcome)
 
@@ -401,17 +463,36 @@ class _OrderedDecoders:
     def _recover(self) -> None:
         """Swap the broken pool for a fresh one, then retry alone each file it lost."""
         self._replace_pool()
+        lost = []
         for index in range(len(self._pending)):
             path, outcome = self._pending[index]
-            if isinstance(outcome, Future) and _lost(outcome):
-                self._pending[index] = (path, self._retry_alone(path))
+            if not isinstance(outcome, Future):
+                continue
+            if _lost(outcome):
+                lost.append(index)
+            else:  # finished before any retry below: a worker ran, whatever came after
+                self._pending[index] = (path, _result(path, outcome))
+                self._deaths_in_a_row = 0
+        for index in lost:
+            path, _ = self._pending[index]
+            self._pending[index] = (path, self._retry_alone(path))
 
     def _retry_alone(self, path: Path) -> DecodedImage:
         """Decode one file with nothing else in flight, so a crash can only be its own."""
         future = self._submit(path)
         if not _lost(future):
+            self._deaths_in_a_row = 0
             return _result(path, future)
         self._replace_pool()
+        self._deaths_in_a_row += 1
+        if self._deaths_in_a_row >= WORKER_DEATHS_IN_A_ROW:
+            raise DecoderError(
+                f"the decoder processes keep dying: {self._deaths_in_a_row} files in a row "
+                "killed the process reading them, also when retried alone, and no file "
+                f"decoded in between (the last: {path}); worker processes seem unable to "
+                "run here (a broken Python environment, a sandbox that kills child "
+                "processes, or too little memory); try --workers 0 to decode in the main process"
+            )
         return DecodedImage(path, None, None, None, WORKER_DIED)
 
     def _submit(self, path: Path) -> Future[DecodedImage]:

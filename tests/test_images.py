@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from caption_cli import images
+from caption_cli.errors import CaptionCliError
 from caption_cli.images import decode, decode_many, walk
 from caption_cli.preprocess import model_pixels
 
@@ -369,6 +370,53 @@ def test_decode_decompression_bomb_guard(tmp_path: Path, monkeypatch):
     assert result.error.startswith("refused as a possible decompression bomb")
 
 
+PANORAMA = np.kron(UPRIGHT, np.ones((8, 8, 1), np.uint8))  # 512x384 upright: 196608 px
+
+
+def panorama(path: Path, **options) -> Path:
+    """PANORAMA stored turned (EXIF orientation 6), so a wrong turn would show."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = np.ascontiguousarray(np.rot90(PANORAMA, 1))
+    return save(path, Image.fromarray(raw), exif=exif, **options)
+
+
+def test_decode_huge_jpeg_is_judged_by_the_size_draft_decodes(tmp_path: Path, monkeypatch):
+    path = panorama(tmp_path / "pano.jpg", quality=95)
+    # 196608 px is far over 2 x 4000, but draft() decodes it at 1/8: 48x64 = 3072 px.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)  # what Pillow's guard alone does with it
+    result = decode(path, S)
+    assert result.error is None and (result.width, result.height) == (512, 384)
+    expected = model_pixels(Image.fromarray(PANORAMA), S).astype(int)
+    assert np.abs(result.pixels.astype(int) - expected).mean() < 4  # upright
+
+
+@pytest.mark.parametrize("name, options", [("pano.png", {}), ("png-content.jpg", {"format": "PNG"})])
+def test_decode_huge_image_without_dct_scaling_is_still_refused(
+    tmp_path: Path, monkeypatch, name: str, options: dict
+):
+    path = panorama(tmp_path / name, **options)  # a PNG decodes at full size, whatever its name
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    result = decode(path, S)
+    assert result.pixels is None
+    refused = "refused as a possible decompression bomb (Image size (196608 pixels) exceeds limit of 8000"
+    assert result.error.startswith(refused)
+
+
+def test_decode_jpeg_too_big_even_at_one_eighth_is_refused(tmp_path: Path, monkeypatch):
+    path = panorama(tmp_path / "pano.jpg", quality=95)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3072 px at 1/8 > 2 x 1000
+    result = decode(path, S)
+    assert result.pixels is None and "\n" not in result.error
+    assert result.error == (
+        "refused as a possible decompression bomb (Image size (196608 pixels, 3072 when decoded "
+        "at the smallest JPEG scale that fits the model) exceeds limit of 2000 pixels, "
+        "could be decompression bomb DOS attack.)"
+    )
+
+
 # --------------------------------------------------------------------- decode_many
 
 
@@ -434,6 +482,51 @@ def test_decode_many_survives_workers_that_die(tmp_path: Path):
         else:  # in flight beside a crash, or crashed once: retried, decoded
             assert result.error is None and result.pixels[0, 0, 0] == i * 20
     assert (tmp_path / "flaky.crashed").exists()
+
+
+def test_decode_many_stops_when_every_worker_dies(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(images, "WORKER_DEATHS_IN_A_ROW", 3)  # read in this process
+    paths = [photo(tmp_path / f"p{i}.png", color=(i * 20, 0, 0)) for i in range(2)]
+    paths += [photo(tmp_path / f"poison{i:02d}.png") for i in range(30)]  # workers that cannot run
+    pulled = []
+
+    def source():
+        for path in paths:
+            pulled.append(path)
+            yield path
+
+    results = []
+    expected = r"^the decoder processes keep dying: 3 files in a row"
+    with pytest.raises(images.DecoderError, match=expected) as caught:
+        for result in decode_many(source(), S, workers=1, prefetch=2, decode_fn=decode_or_die):
+            results.append(result)
+    message = str(caught.value)
+    assert isinstance(caught.value, CaptionCliError) and "\n" not in message
+    assert "try --workers 0 to decode in the main process" in message
+    # Results handed out before the guard fired stay as they were.
+    assert [(r.path, r.error, r.pixels[0, 0, 0]) for r in results[:2]] == [
+        (paths[0], None, 0),
+        (paths[1], None, 20),
+    ]
+    # The first two deaths are handed out as errors; the third ends the run, so it
+    # stops after a few files, not after 30 errors that each cost two process starts.
+    assert [r.error for r in results[2:]] == [images.WORKER_DIED] * 2
+    assert len(pulled) <= 2 + 3 + 2  # plus at most the look-ahead
+
+
+def test_decode_many_poison_between_good_files_is_no_false_alarm(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(images, "WORKER_DEATHS_IN_A_ROW", 2)
+    names = ["poison0", "p1", "poison2", "p3", "poison4"]  # more deaths than 2, never in a row
+    paths = [photo(tmp_path / f"{n}.png", color=(i * 20, 0, 0)) for i, n in enumerate(names)]
+
+    results = list(decode_many(iter(paths), S, workers=1, prefetch=4, decode_fn=decode_or_die))
+
+    assert [r.path for r in results] == paths
+    for i, result in enumerate(results):
+        if i % 2 == 0:
+            assert result.error == images.WORKER_DIED
+        else:
+            assert result.error is None and result.pixels[0, 0, 0] == i * 20
 
 
 def test_decode_many_refuses_a_decode_fn_workers_cannot_import(tmp_path: Path):
