@@ -1,0 +1,146 @@
+"""COCO preparation on fake bare-git mirrors laid out like the real ones (no network, no real data)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from training.datasets import karpathy
+from training.prepare import coco, mirror
+from training.prepare.images import BadImage, check_jpeg
+
+LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"
+
+
+def jpeg(size: tuple[int, int] = (32, 24), color: str = "red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def bare_mirror(mirrors: Path, repo: str, files: dict[str, bytes]) -> Path:
+    """A bare git repo at mirrors/owner+name/repo holding `files`, like the search tool's fetch."""
+    work = mirrors.parent / "work" / repo.replace("/", "+")
+    for path, data in files.items():
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        (work / path).write_bytes(data)
+    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(work)], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "data"], check=True)
+    target = mirrors / repo.replace("/", "+") / "repo"
+    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(target)], check=True)
+    return target
+
+
+def name(image_id: int, folder: str = "val2014") -> str:
+    return f"{folder}/COCO_{folder}_{image_id:012d}.jpg"
+
+
+@pytest.fixture
+def mirrors(tmp_path: Path) -> Path:
+    root = tmp_path / "mirrors"
+    albef = [{"image": name(1), "caption": ["A red square. ", "Red."]},
+             {"image": name(2), "caption": ["A blue square."]}]
+    official = {"images": [{"id": 3, "file_name": "000000000003.jpg"}, {"id": 1, "file_name": "000000000001.jpg"}],
+                "annotations": [{"image_id": 3, "caption": "A green square."},
+                                {"image_id": 1, "caption": "A red square."},  # repeats the test file: kept once
+                                {"image_id": 1, "caption": "Something red."}]}
+    neuraltalk = [{"file_path": name(4, "train2014"), "id": 4, "captions": ["A square."]},
+                  {"file_path": name(5), "id": 5, "captions": ["Karpathy val picture."]}]
+    bare_mirror(root, "data-ming-and-application/CVLR-RD", {"data/coco_test.json": json.dumps(albef).encode()})
+    bare_mirror(root, "ruizewang/evaluate", {"annotations/captions_val2017.json": json.dumps(official).encode()})
+    bare_mirror(root, "SpartaG117/TRcap", {"data/coco_val.json": json.dumps(neuraltalk).encode()})
+    lists = "data/coco_splits/karpathy_{}_images.txt"
+    bare_mirror(root, "peteanderson80/Up-Down-Captioner", {
+        lists.format("val"): f"{name(5)} 5\n".encode(),
+        lists.format("test"): f"{name(1)} 1\n{name(2)} 2\n".encode(),
+    })
+    bare_mirror(root, "someone/images", {
+        name(1): jpeg(), name(2): LFS,  # id 2: an LFS pointer, rejected
+        "train2017/000000000003.jpg": jpeg((1000, 500), "green"),  # larger than max side: downscaled
+        name(4, "train2014"): b"<html>not found</html>",  # not a JPEG, rejected
+        "results/000000000005.jpg": jpeg(),  # a bare id outside a COCO folder: not taken as COCO
+    })
+    bare_mirror(root, "zz/images", {"val2017/000000000005.jpg": jpeg(), "val2014/COCO_val2014_000000000002.jpg": jpeg()})
+    return root
+
+
+def test_prepare_writes_a_karpathy_json_the_reader_loads(mirrors: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "coco"
+    summary = coco.prepare(mirrors, out, max_side=640)
+
+    assert summary["captioned"] == {"train": 2, "val": 1, "test": 2}
+    assert summary["on_disk"] == {"train": 1, "val": 1, "test": 2}  # id 4 only had a non-JPEG
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "000000000001.jpg", "000000000002.jpg", "000000000003.jpg", "000000000005.jpg"]
+    assert Image.open(out / "images/000000000003.jpg").size == (640, 320)
+    assert summary["bad_blobs"] == [
+        "someone/images:train2014/COCO_train2014_000000000004.jpg: not a JPEG (starts 3c68746d)",
+        "someone/images:val2014/COCO_val2014_000000000002.jpg: Git LFS pointer, not the image",
+    ]
+    assert "skipped someone/images:val2014/COCO_val2014_000000000002.jpg: Git LFS pointer" in capsys.readouterr().err
+
+    data = karpathy(out / "dataset_coco.json", out / "images")
+    assert [(r.image_id, r.split, r.captions) for r in data.records] == [
+        ("000000000001.jpg", "test", ("A red square.", "Red.", "Something red.")),
+        ("000000000002.jpg", "test", ("A blue square.",)),
+        ("000000000003.jpg", "train", ("A green square.",)),
+        ("000000000005.jpg", "val", ("Karpathy val picture.",)),
+    ]
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["images"]["2"].startswith("zz/images@")
+    assert provenance["images"]["2"].endswith(":val2014/COCO_val2014_000000000002.jpg")
+    assert summary["sha256"] in (out / "README.md").read_text()
+
+
+def test_prepare_again_skips_images_already_written(mirrors: Path, tmp_path: Path) -> None:
+    out = tmp_path / "coco"
+    first = coco.prepare(mirrors, out)
+    stamp = (out / "images/000000000001.jpg").stat().st_mtime_ns
+    second = coco.prepare(mirrors, out)
+    assert (out / "images/000000000001.jpg").stat().st_mtime_ns == stamp
+    assert second["on_disk"] == first["on_disk"] and second["sha256"] == first["sha256"]
+    assert json.loads((out / "provenance.json").read_text())["images"].keys() == {"1", "2", "3", "5"}
+
+
+def test_a_missing_source_is_reported_not_fatal(tmp_path: Path, capsys) -> None:
+    summary = coco.prepare(tmp_path / "none", tmp_path / "out")
+    assert summary["captioned"] == {"train": 0, "val": 0, "test": 0}
+    assert "not available: data-ming-and-application/CVLR-RD:data/coco_test.json" in capsys.readouterr().err
+
+
+def test_a_caption_file_in_the_wrong_layout_names_the_file() -> None:
+    with pytest.raises(coco.PrepareError, match=r"^r/x:a.json: not the coco layout \(KeyError"):
+        coco.parse_captions("coco", b'{"images": []}', "r/x:a.json")
+
+
+@pytest.mark.parametrize("path, image_id", [
+    ("val2014/COCO_val2014_000000391895.jpg", 391895),
+    ("a/b/train2017/000000000009.jpg", 9),
+    ("COCO_train2014_000000000009.JPG", 9),
+    ("Results/COCOstuff/0/000000000139.jpg", None),
+    ("test2014/COCO_test2014_000000000001.jpg", None),
+])
+def test_image_paths_taken_as_coco(path: str, image_id: int | None) -> None:
+    match = coco.IMAGE_PATH.search(path)
+    assert (int(match["id"]) if match else None) == image_id
+
+
+def test_mirror_lists_and_reads_blobs(tmp_path: Path) -> None:
+    git_dir = bare_mirror(tmp_path / "m", "o/n", {"a/x.jpg": jpeg(), "b.txt": b"hi"})
+    assert [path for path, _ in mirror.list_files(git_dir)] == ["a/x.jpg", "b.txt"]
+    assert mirror.list_files(git_dir, under="a")[0][0] == "a/x.jpg"
+    blobs = dict(mirror.read_blobs(git_dir, ["b.txt", "nope", "a/x.jpg"]))
+    assert blobs["b.txt"] == b"hi" and blobs["nope"] is None and mirror.is_jpeg(blobs["a/x.jpg"])
+    assert len(mirror.head_commit(git_dir)) == 40
+
+
+def test_check_jpeg_rejects_a_truncated_file() -> None:
+    with pytest.raises(BadImage, match="JPEG does not decode"):
+        check_jpeg(jpeg((64, 64))[:200])
