@@ -238,11 +238,17 @@ def readme(mirrors: Path, out: Path, entries: list[dict], sources: Sequence[Imag
         listed = [e["filename"] for e in entries if e["split"] == split]
         present = sum(1 for name in listed if (images / name).is_file())
         rows.append(f"| {split} | {len(listed)} | {len(listed) * CAPTIONS_PER_IMAGE} | {present} |")
+    on_disk = sum(1 for e in entries if (images / e["filename"]).is_file())
+    status = (f"{on_disk} of {len(entries)} listed images are on disk." if on_disk else
+              "**No image is on disk**: none of the image sources was fetched with real JPEGs. The captions and splits "
+              "are complete; put the images (same names) into images/ or re-run with `--image-source`.")
     source_lines = "\n".join(f"- `{s.folder or '.'}/` of {provenance(mirrors, s.mirror)}" for s in sources) or "- none"
     return f"""# Flickr30k (captions + Karpathy-size split; images only where a mirror had them)
 
 Written by `python -m training.prepare.flickr30k` (caption-cli); re-run it to refresh this file.
 Load with `training.datasets.karpathy("{out / OUTPUT_JSON}", "{images}")`.
+
+{status}
 
 ## Provenance
 - Captions and splits: {provenance(mirrors, CAPTION_MIRROR)}, Multi30k Task 2:
