@@ -325,6 +325,8 @@ def readme(sources: list[dict], images: dict[str, str], summary: dict) -> str:
         "",
         "Written by `python -m training.prepare.coco` (caption-cli); re-run it to refresh. Read with",
         "`caption-cli train --data karpathy --annotations dataset_coco.json --images images/`.",
+        "Coverage is partial: the counts below are what the fetched mirrors hold; what could not be",
+        "reached is listed in caption-cli's docs/training.md, section \"Broad data (MS-COCO)\".",
         "",
         "## Licence",
         "- Captions: MS-COCO annotations, (c) COCO Consortium, CC BY 4.0.",
