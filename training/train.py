@@ -64,17 +64,20 @@ class TrainConfig:
     limit_steps: int = 0  # stop after this many steps (tests)
 
 
-def resolve_config(file: Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Defaults, then a JSON file, then flags; an unknown key is an error."""
+def resolve_config(file: Path | None, overrides: dict[str, Any], kind: type = TrainConfig,
+                   what: str = "training") -> Any:
+    """Defaults, then a JSON file, then flags; an unknown key is an error.
+
+    `kind` is the config dataclass (TrainConfig; training.scst passes its ScstConfig)."""
     values: dict[str, Any] = {}
     if file is not None:
         values.update(json.loads(Path(file).read_text()))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown training option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return TrainConfig(**values)
+        raise ValueError(f"unknown {what} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return kind(**values)
 
 
 # --- distributed helpers -------------------------------------------------------
@@ -183,6 +186,11 @@ def save_checkpoint(path: Path, model: ShowAttendTell, optimizer: torch.optim.Op
         "dataset": dataset,
         **state,
     }
+    write_checkpoint(path, checkpoint)
+
+
+def write_checkpoint(path: Path, checkpoint: dict[str, Any]) -> None:
+    """torch.save to a temporary file, then rename: a kill never leaves half a checkpoint."""
     tmp = path.with_suffix(".tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)

@@ -89,14 +89,24 @@ def train(
     option: Annotated[Optional[list[str]], typer.Option(
         "--set", help="Any training option as KEY=VALUE (JSON value), e.g. --set dropout=0.3.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
+    scst_from: Annotated[Optional[Path], typer.Option(
+        "--scst-from", exists=True, dir_okay=False,
+        help="Self-critical training (CIDEr-D reward) starting from this cross-entropy checkpoint; "
+             "--epochs, --batch-size (sampled captions per step), --lr and --set then set SCST's options.")] = None,
 ) -> None:
     """Train a captioner on a data set (features are cached once, then reused).
 
     Example: caption-cli train --data coco --images train2014/ --annotations captions_train2014.json --epochs 10 --out runs/coco
     Under torchrun (DDP) it runs unchanged: torchrun --nproc-per-node 2 -m caption_cli train ...
+    Then self-critical training (one process): caption-cli train --scst-from runs/coco/best.pt --epochs 5 --out runs/coco-scst
     """
+    if scst_from is not None and (backbone is not None or image_size is not None):
+        raise typer.BadParameter("with --scst-from the backbone and image size come from the checkpoint; "
+                                 "drop --backbone/--image-size")
     overrides: dict[str, Any] = {"out": str(out), "cache": str(cache), "epochs": epochs, "batch_size": batch_size,
-                                 "lr": lr, "backbone": backbone, "image_size": image_size}
+                                 "lr": lr}
+    if scst_from is None:
+        overrides.update(backbone=backbone, image_size=image_size)
     for item in option or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -107,13 +117,21 @@ def train(
             overrides[key] = value
     try:
         _require_torch()
-        from training.train import resolve_config, train as run_training
+        log = lambda line: err.print(line, highlight=False)  # noqa: E731
+        if scst_from is not None:
+            from training.scst import resolve_scst_config, train_scst
 
-        cfg = resolve_config(config, overrides)
+            scst_cfg = resolve_scst_config(config, overrides)
+            run = lambda dataset: train_scst(dataset, scst_cfg, scst_from, resume=resume, log=log)  # noqa: E731
+        else:
+            from training.train import resolve_config, train as run_training
+
+            cfg = resolve_config(config, overrides)
+            run = lambda dataset: run_training(dataset, cfg, resume=resume, log=log,  # noqa: E731
+                                               dataset_name=data.value)
         dataset = load_data(data, root, images, annotations, splits)
         err.print(dataset.summary(), highlight=False)
-        best = run_training(dataset, cfg, resume=resume, log=lambda line: err.print(line, highlight=False),
-                            dataset_name=data.value)
+        best = run(dataset)
     except (CaptionCliError, ValueError) as error:
         raise _fail(error) from None
     err.print(f"best checkpoint: {best}")
