@@ -19,6 +19,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from caption_cli.confidence import held_back_message, passes
+
 DEFAULT_LIMIT = 125  # screen-reader guidance: keep alt text short (WebAIM, W3C WAI tips)
 
 # "A photo of a dog" tells a screen-reader user nothing the role "image" did not.
@@ -279,7 +281,8 @@ def _markdown_alt(alt: str) -> str:
 
 @dataclass
 class AltOutcome:
-    """What happened to one image: filled, kept (has alt or is decorative), skipped (remote/data/no src) or failed."""
+    """What happened to one image: filled, kept (has alt or is decorative), skipped (remote/data/no src),
+    low-confidence (a caption below --min-confidence was held back) or failed."""
 
     line: int
     src: str
@@ -299,8 +302,13 @@ class AltTextResult:
         return sum(1 for outcome in self.outcomes if outcome.status == status)
 
 
+class HeldBack(Exception):
+    """A caption exists but is below --min-confidence; the message says by how much."""
+
+
 # Looks up captions for local image files: path -> caption, or an Exception for a file
-# that could not be captioned. Called once per page with every path that needs one.
+# that could not be captioned (HeldBack for one too doubtful to use). Called once per
+# page with every path that needs one.
 CaptionLookup = Callable[[list[Path]], dict[Path, "str | Exception"]]
 
 
@@ -364,6 +372,9 @@ def fill_alt_text(
     for index, target in wanted.items():
         slot = slots[index]
         caption = captions.get(target, Exception("no caption"))
+        if isinstance(caption, HeldBack):  # no alt text is better than wrong alt text
+            outcomes[index] = AltOutcome(slot.line, slot.src, "low-confidence", message=str(caption))
+            continue
         if isinstance(caption, Exception):
             outcomes[index] = AltOutcome(
                 slot.line, slot.src, "failed", message=str(caption) or type(caption).__name__
@@ -456,8 +467,10 @@ class StoreThenModel:
         model_dir: Path | None,
         device: str = "auto",
         batch_size: int = 16,
+        min_confidence: float = 0.0,
     ) -> None:
         self.store = store
+        self.min_confidence = min_confidence
         self.model_dir = model_dir
         self.device = device
         self.batch_size = batch_size
@@ -472,7 +485,7 @@ class StoreThenModel:
         for path in paths:
             row = self.store.get_image(str(path)) if self.store is not None else None
             if row and row.get("status") == "ok" and row.get("caption") and _same_file(row, path):
-                found[path] = row["caption"]
+                found[path] = self._checked(row["caption"], row.get("confidence"))
                 self.from_store += 1
             else:
                 missing.append(path)
@@ -498,9 +511,15 @@ class StoreThenModel:
         if decoded:
             captions = captioner.caption(np.stack([pixels for _, pixels in decoded]))
             for (path, _), caption in zip(decoded, captions, strict=True):
-                out[path] = caption.text
+                out[path] = self._checked(caption.text, caption.confidence)
                 self.from_model += 1
         return out
+
+    def _checked(self, caption: str, confidence: float | None) -> str | HeldBack:
+        """The caption, or HeldBack when the shared --min-confidence rule says no."""
+        if passes(confidence, self.min_confidence):
+            return caption
+        return HeldBack(held_back_message(confidence, self.min_confidence))
 
     def _load(self):  # noqa: ANN202 - the Captioner type is imported lazily
         if self._captioner is None:

@@ -120,6 +120,8 @@ class Hypothesis:
     tokens: list[int]  # word ids, without <start>/<end>
     score: float  # sum log-prob / length ** length_penalty
     attention: np.ndarray  # float32 [T, L]: one row per word in tokens
+    logprob: float = 0.0  # sum of the token log-probabilities (what the confidence reads)
+    length: int = 0  # tokens scored: the words, plus <end> when the caption has one
 
 
 class NBest:
@@ -141,7 +143,7 @@ class NBest:
         at = len(self.hypotheses)
         while at > 0 and self.hypotheses[at - 1].score < score:
             at -= 1
-        self.hypotheses.insert(at, Hypothesis(tokens, float(score), attention))
+        self.hypotheses.insert(at, Hypothesis(tokens, float(score), attention, float(sum_logprob), length))
         del self.hypotheses[self.size:]
 
     @property

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from caption_cli.beam import SearchOptions, SearchOptionsError
+from caption_cli.confidence import Calibration
 from caption_cli.errors import BundleError
 
 FORMAT = "caption-cli-bundle"
@@ -72,6 +73,12 @@ class Bundle:
         """(inputs, outputs) of "encoder" or "decoder", in the contract's order."""
         names = self.meta["tensors"][graph]
         return list(names["inputs"]), list(names["outputs"])
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The confidence map fitted on validation data, or None for an uncalibrated bundle."""
+        meta = self.meta.get("calibration")
+        return None if meta is None else Calibration.from_meta(meta)
 
     @property
     def search_defaults(self) -> SearchOptions:
@@ -192,6 +199,8 @@ def _check_fields(meta_path: Path, meta: dict) -> None:
                 and _names(names.get("outputs"), len(outputs))):
             raise bad(f"tensors.{graph}", f"{len(inputs)} input and {len(outputs)} output names "
                                           f"({', '.join(inputs)} -> {', '.join(outputs)})")
+    if meta.get("calibration") is not None:
+        Calibration.from_meta(meta["calibration"], str(meta_path))
     hashes = meta.get("sha256")
     if not isinstance(hashes, dict) or not hashes:
         raise bad("sha256", "the sha256 of every bundle file")

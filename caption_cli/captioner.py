@@ -7,6 +7,7 @@ import onnxruntime as ort
 
 from caption_cli.beam import Hypothesis, SearchOptions, beam_search, never_emitted
 from caption_cli.bundle import Bundle
+from caption_cli.confidence import caption_features
 from caption_cli.errors import BundleError
 from caption_cli.results import Alternative, Caption
 from caption_cli.session import open_session, session_device
@@ -42,6 +43,7 @@ class Captioner:
         special = bundle.special_tokens
         self._start, self._end = special["start"], special["end"]
         self._banned = never_emitted(special)
+        self._calibration = bundle.calibration
         self.encoder_chunk = encoder_chunk or (CPU_ENCODER_CHUNK if self.device == "cpu" else None)
 
     @property
@@ -90,11 +92,19 @@ class Captioner:
         best = hypotheses[0]
         words = [self.bundle.vocab[t] for t in best.tokens]
         h, w = self.bundle.grid
+        alternatives = [Alternative(" ".join(self.bundle.vocab[t] for t in hyp.tokens), hyp.score,
+                                    self._confidence(hyp)) for hyp in hypotheses]
         return Caption(
             text=" ".join(words), score=best.score, words=words,
             attention=best.attention.reshape(len(words), h, w).astype(np.float32),
-            alternatives=[Alternative(" ".join(self.bundle.vocab[t] for t in hyp.tokens), hyp.score)
-                          for hyp in hypotheses])
+            alternatives=alternatives, confidence=alternatives[0].confidence,
+            mean_logprob=caption_features(best.logprob, best.length, len(words))["mean_logprob"])
+
+    def _confidence(self, hypothesis: Hypothesis) -> float | None:
+        if self._calibration is None:
+            return None
+        values = caption_features(hypothesis.logprob, hypothesis.length, len(hypothesis.tokens))
+        return round(self._calibration.confidence(values), 4)
 
 
 def _check_names(bundle: Bundle, graph: str, session: ort.InferenceSession,

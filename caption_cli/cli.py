@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from caption_cli.commands import annotate, metadata, report, training
+from caption_cli.commands import annotate, calibrate, metadata, report, training
 
 app = typer.Typer(
     name="caption-cli",
@@ -16,7 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for area in (annotate, metadata, report, training):
+for area in (annotate, metadata, report, training, calibrate):
     area.register(app)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from caption_cli.confidence import passes
 from caption_cli.images import DecodedImage, decode_many, walk
 from caption_cli.results import Caption, CaptionResult
 
@@ -57,6 +58,7 @@ class AnnotateOptions:
     workers: int = 2  # decoder processes; 0 decodes in this process
     force: bool = False  # caption again even what the store already has
     lookup_size: int = 256  # keys per resume query
+    min_confidence: float = 0.0  # metadata only for captions at least this sure (confidence.passes)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -73,6 +75,7 @@ class Summary:
     seconds: float = 0.0
     metadata_written: int = 0
     metadata_failed: int = 0
+    metadata_held_back: int = 0  # captions below --min-confidence: no metadata is better than wrong metadata
 
     @property
     def images_per_second(self) -> float:
@@ -145,7 +148,8 @@ def annotate(
         # A folder that cannot be listed: reported and counted, but not a row.
         report(CaptionResult(path=path, size=0, mtime=0.0, status="error", error=message))
 
-    batcher = _Batcher(captioner, store, model_id, run_id, report, metadata_writer, summary, on_metadata)
+    batcher = _Batcher(captioner, store, model_id, run_id, report, metadata_writer, summary, on_metadata,
+                       options.min_confidence)
     try:
         found = walk(roots, options.recursive, options.include_hidden, on_error=walk_error)
         todo = _unfinished(_keys(found), store, model_id, options, skipped)
@@ -217,8 +221,10 @@ class _Batcher:
         metadata_writer: Any | None,
         summary: Summary,
         on_metadata: MetadataHandler | None,
+        min_confidence: float = 0.0,
     ) -> None:
         self.captioner = captioner
+        self.min_confidence = min_confidence
         self.store = store
         self.model_id = model_id
         self.run_id = run_id
@@ -245,7 +251,8 @@ class _Batcher:
         self.skipped = []
         name = self.captioner.bundle.name
         self._send_metadata([MetadataRequest(Path(path), caption, name, size, mtime)
-                             for path, caption, size, mtime in rows])
+                             for path, caption, size, mtime, confidence in rows
+                             if self._publishable(confidence)])
 
     def add(self, key: _Key, decoded: DecodedImage) -> None:
         self.items.append((key, decoded))
@@ -279,7 +286,15 @@ class _Batcher:
         from caption_cli.metadata import MetadataRequest  # only when asked for
 
         name = self.captioner.bundle.name
-        self._send_metadata([MetadataRequest(r.path, r.caption.text, name, r.size, r.mtime) for r in results])
+        self._send_metadata([MetadataRequest(r.path, r.caption.text, name, r.size, r.mtime)
+                             for r in results if self._publishable(r.caption.confidence)])
+
+    def _publishable(self, confidence: float | None) -> bool:
+        """The shared --min-confidence rule; what it holds back is counted, not written."""
+        if passes(confidence, self.min_confidence):
+            return True
+        self.summary.metadata_held_back += 1
+        return False
 
     def _send_metadata(self, requests: list) -> None:
         if not requests:

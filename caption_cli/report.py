@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageOps
 
+from caption_cli.confidence import passes
+
 DEFAULT_PAGE_SIZE = 200
 DEFAULT_THUMB_SIZE = 320  # longest side, px; sharp on a 2x screen at the 160 px card width
 THUMB_DIR = "thumbs"
@@ -52,6 +54,7 @@ class ReportSummary:
     thumbs_made: int
     thumbs_reused: int
     thumb_errors: list[str]
+    doubtful: int = 0  # captions below --min-confidence, marked on their cards
 
     @property
     def index(self) -> Path:
@@ -203,22 +206,30 @@ def render_card(
     alternatives: list[dict[str, Any]],
     words: list[str],
     thumb: tuple[str, int, int] | str | None,
+    min_confidence: float = 0.0,
 ) -> str:
-    """One photo's card: thumbnail + heat-map canvas, caption, words, alternatives, path."""
+    """One photo's card: thumbnail + heat-map canvas, caption, confidence, words, alternatives, path.
+
+    A caption below min_confidence (the shared confidence.passes rule) is still shown,
+    marked as doubtful, but is not used as the thumbnail's alt text.
+    """
     path = row["path"]
     status = "ok" if row.get("status") == "ok" else "error"
     caption = row.get("caption") or ""
+    confidence = row.get("confidence")
+    doubtful = status == "ok" and not passes(confidence, min_confidence)
     name = Path(path).name
     try:
         link = Path(path).as_uri()
     except ValueError:  # a relative path stored by hand: no link rather than a wrong one
         link = ""
     parts = [
-        f'<article class="card {status}" data-status="{status}" data-index="{index}" data-text="{e(_search_text(row, alternatives))}">'
+        f'<article class="card {status}{" doubtful" if doubtful else ""}" data-status="{status}" data-index="{index}" data-text="{e(_search_text(row, alternatives))}">'
     ]
     if isinstance(thumb, tuple):
         file, width, height = thumb
-        image = f'<img src="{THUMB_DIR}/{e(file)}" width="{width}" height="{height}" alt="{e(caption)}" loading="lazy">'
+        alt = "" if doubtful else caption
+        image = f'<img src="{THUMB_DIR}/{e(file)}" width="{width}" height="{height}" alt="{e(alt)}" loading="lazy">'
         if link:
             image = f'<a href="{e(link)}">{image}</a>'
         parts.append(
@@ -235,6 +246,7 @@ def render_card(
         )
     if status == "ok":
         parts.append(f'<p class="caption">{e(caption)}</p>')
+        parts.append(_confidence_html(confidence, doubtful))
         if words and isinstance(thumb, tuple):
             buttons = "".join(
                 f'<button type="button" class="word" data-word="{position}" aria-pressed="false">{e(word)}</button>'
@@ -246,7 +258,10 @@ def render_card(
         if alternatives:
             items = "".join(
                 f'<li><span class="alt">{e(alt.get("caption") or "")}</span> '
-                f'<span class="score" title="length-normalised log-probability; higher is better">{float(alt.get("score") or 0):.3f}</span></li>'
+                f'<span class="score" title="length-normalised log-probability; higher is better">{float(alt.get("score") or 0):.3f}</span>'
+                + (f' <span class="score" title="calibrated confidence">p {float(alt["confidence"]):.2f}</span>'
+                   if alt.get("confidence") is not None else "")
+                + "</li>"
                 for alt in alternatives
             )
             label = (
@@ -259,6 +274,14 @@ def render_card(
     path_html = f'<a href="{e(link)}">{e(name)}</a>' if link else e(name)
     parts.append(f'<p class="path" title="{e(path)}">{path_html}{model}</p></article>')
     return "".join(parts)
+
+
+def _confidence_html(confidence: float | None, doubtful: bool) -> str:
+    """The confidence line of a card; a doubtful caption says so in words, not only in colour."""
+    shown = "unknown" if confidence is None else f"{float(confidence):.2f}"
+    note = " · low: may be wrong, not used as alt text" if doubtful else ""
+    title = "calibrated probability that the caption is acceptable"
+    return f'<p class="confidence" title="{title}">confidence {shown}{note}</p>'
 
 
 def render_page(
@@ -342,6 +365,7 @@ def build_report(
     thumb_size: int = DEFAULT_THUMB_SIZE,
     workers: int = 4,
     on_progress: Callable[[int, int], None] | None = None,
+    min_confidence: float = 0.0,
 ) -> ReportSummary:
     """Write the gallery for every photo in the source to out_dir (index.html, page-N.html, thumbs/).
 
@@ -373,7 +397,7 @@ def build_report(
             if payload["words"]:
                 attention[str(index)] = payload
             cards.append(
-                render_card(index, row, alternatives, payload["words"], thumbs.get(row["path"]))
+                render_card(index, row, alternatives, payload["words"], thumbs.get(row["path"]), min_confidence)
             )
             index_entries.append(
                 [number, index, _search_text(row, alternatives), "ok" if ok else "error"]
@@ -388,7 +412,8 @@ def build_report(
     )
     _prune(out_dir, pages, {entry[0] for entry in thumbs.values() if isinstance(entry, tuple)})
     errors = [f"{path}: {entry}" for path, entry in thumbs.items() if isinstance(entry, str)]
-    return ReportSummary(out_dir, pages, totals["photos"], totals["error"], made, reused, errors)
+    doubtful = sum(row.get("status") == "ok" and not passes(row.get("confidence"), min_confidence) for row in rows)
+    return ReportSummary(out_dir, pages, totals["photos"], totals["error"], made, reused, errors, doubtful)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -417,7 +442,8 @@ _CSS = """
 body { margin: 0; font: 15px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif; background: var(--bg); color: var(--fg); }
 header, footer { padding: 1rem 1.5rem; }
 h1 { margin: 0 0 .25rem; font-size: 1.4rem; }
-.stats, .hint, .path, .score { color: var(--muted); }
+.stats, .hint, .path, .score, .confidence { color: var(--muted); }
+.doubtful .caption { font-style: italic; opacity: .7; }
 #filters { display: flex; gap: .5rem; flex-wrap: wrap; align-items: center; margin: .75rem 0; }
 #q { flex: 1 1 18rem; max-width: 32rem; padding: .45rem .6rem; font: inherit; }
 select { padding: .4rem; font: inherit; }

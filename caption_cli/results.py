@@ -14,10 +14,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Alternative:
-    """One ranked caption; score is the length-normalised log-probability."""
+    """One ranked caption; score is the length-normalised log-probability,
+    confidence the calibrated probability that it is acceptable (None: uncalibrated model)."""
 
     caption: str
     score: float
+    confidence: float | None = None
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Caption:
     words: list[str]  # tokens of the best caption, without <start>/<end>
     attention: np.ndarray  # float32 [T, h, w]: where the model looked for each word
     alternatives: list[Alternative] = field(default_factory=list)  # best first, includes the best
+    confidence: float | None = None  # calibrated P(acceptable) in [0, 1]; None: the bundle has no calibration
+    mean_logprob: float | None = None  # per token, <end> included: what the calibration reads
 
 
 @dataclass

@@ -27,6 +27,7 @@ BUSY_TIMEOUT_S = 60.0
 ATTENTION_DTYPE = np.dtype("<f2")  # float16, little-endian, row-major [grid_h, grid_w]
 
 FileKey = tuple[str | Path, int, float]  # (path, size, mtime): what "unchanged" means
+StoredCaption = tuple[str, str, int, float, float | None]  # (path, caption, size, mtime, confidence)
 
 # ---------------------------------------------------------------------- migrations
 
@@ -108,6 +109,14 @@ def m003_alternatives_attention(db: Database) -> None:
 def m004_caption_fts(db: Database) -> None:
     # Porter stemming: "dogs running" finds "a dog runs".
     db["images"].enable_fts(["caption"], create_triggers=True, tokenize="porter")
+
+
+@migration
+def m005_confidence(db: Database) -> None:
+    # Calibrated P(acceptable) of the best caption and of each alternative; NULL for rows
+    # written before calibration existed (they are treated as "unknown", never as sure).
+    db["images"].add_column("confidence", float)
+    db["alternatives"].add_column("confidence", float)
 
 
 # --------------------------------------------------------------------------- store
@@ -232,9 +241,9 @@ class Store:
         except sqlite3.Error as exc:
             raise self._sql_error(exc) from exc
 
-    def stored_captions(self, paths: Sequence[Path | str], model_id: str) -> list[tuple[str, str, int, float]]:
-        """(path, caption, size, mtime) of those paths this model captioned OK: what
-        annotate --write-metadata writes for the files it skips as already done."""
+    def stored_captions(self, paths: Sequence[Path | str], model_id: str) -> list[StoredCaption]:
+        """(path, caption, size, mtime, confidence) of those paths this model captioned OK:
+        what annotate --write-metadata writes for the files it skips as already done."""
         try:
             return _stored_captions(self.db.conn, paths, model_id)
         except sqlite3.Error as exc:
@@ -319,7 +328,7 @@ class Store:
     def alternatives(self, image_id: int) -> list[dict]:
         return list(
             self.db.query(
-                "select rank, caption, score from alternatives where image_id = ? order by rank",
+                "select rank, caption, score, confidence from alternatives where image_id = ? order by rank",
                 [image_id],
             )
         )
@@ -342,7 +351,7 @@ class Store:
             return list(
                 self.db["images"].search(
                     query,
-                    columns=["id", "path", "caption", "score", "model_id", "width", "height"],
+                    columns=["id", "path", "caption", "score", "confidence", "model_id", "width", "height"],
                     limit=limit,
                     where="status = 'ok'",
                     quote=True,
@@ -366,11 +375,11 @@ def _done_paths(conn: sqlite3.Connection, keys: Sequence[FileKey], model_id: str
 
 
 def _stored_captions(conn: sqlite3.Connection, paths: Sequence[Path | str], model_id: str) -> list[tuple]:
-    """(path, caption, size, mtime) of the given paths that this model captioned OK."""
+    """(path, caption, size, mtime, confidence) of the given paths that this model captioned OK."""
     if not paths:
         return []
     return conn.execute(
-        "select path, caption, size, mtime from images where status = 'ok' and model_id = ?"
+        "select path, caption, size, mtime, confidence from images where status = 'ok' and model_id = ?"
         " and path in (select value from json_each(?)) order by path",
         [model_id, _json_list(paths)],
     ).fetchall()
@@ -388,6 +397,7 @@ def _image_row(result: CaptionResult, model_id: str, run_id: int, now: str) -> d
         "error": result.error,
         "caption": caption.text if caption else None,
         "score": float(caption.score) if caption else None,
+        "confidence": caption.confidence if caption else None,
         "model_id": model_id,
         "captioned_at": now,
         "run_id": run_id,
@@ -398,7 +408,8 @@ def _alternative_rows(image_id: int, result: CaptionResult) -> list[dict]:
     caption = result.caption
     alternatives = caption.alternatives or []
     return [
-        {"image_id": image_id, "rank": rank, "caption": alt.caption, "score": float(alt.score)}
+        {"image_id": image_id, "rank": rank, "caption": alt.caption, "score": float(alt.score),
+         "confidence": alt.confidence}
         for rank, alt in enumerate(alternatives, start=1)
     ]
 
@@ -459,7 +470,7 @@ class DryRunStore:
             return set()
         return _done_paths(self._reader, keys, model_id)
 
-    def stored_captions(self, paths: Sequence[Path | str], model_id: str) -> list[tuple[str, str, int, float]]:
+    def stored_captions(self, paths: Sequence[Path | str], model_id: str) -> list[StoredCaption]:
         return [] if self._reader is None else _stored_captions(self._reader, paths, model_id)
 
     def write_batch(self, results: Sequence[CaptionResult], model_id: str, run_id: int) -> None:

@@ -235,3 +235,29 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, name: str | None = Non
         search=search, training=training, scores=scores if scores is not None else data.get("scores"),
         verify=verify if check else None, half_decoder=half_decoder,
     )
+
+
+def set_calibration(bundle_dir: Path, calibration: dict) -> Path:
+    """Write `calibration` into an existing bundle's model.json, atomically, then re-verify.
+
+    The ONNX files and their hashes are untouched, so the model id (and every stored
+    caption's resume key) stays the same; only the confidence map changes.
+    """
+    from caption_cli.bundle import load_bundle
+    from caption_cli.confidence import Calibration
+
+    meta_path = Path(bundle_dir) / "model.json"
+    Calibration.from_meta(calibration, str(meta_path))  # refused before the bundle is touched
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta["calibration"] = calibration
+    handle, temporary = tempfile.mkstemp(prefix=".model.json.", dir=meta_path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+        os.chmod(temporary, meta_path.stat().st_mode & 0o7777)
+        os.replace(temporary, meta_path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    load_bundle(bundle_dir)  # the whole bundle still verifies
+    return meta_path

@@ -302,7 +302,7 @@ def test_markdown_blank_alt_the_scan_cannot_place_is_reported_not_guessed() -> N
 # ---------------------------------------------------------------- store and model
 
 
-def annotate(db: Path, path: Path, text: str) -> None:
+def annotate(db: Path, path: Path, text: str, confidence: float | None = 0.9) -> None:
     stat = path.stat()
     words = text.split()
     attention = np.zeros((len(words), 2, 2), np.float32)
@@ -311,7 +311,8 @@ def annotate(db: Path, path: Path, text: str) -> None:
         score=-0.3,
         words=words,
         attention=attention,
-        alternatives=[Alternative(text, -0.3)],
+        alternatives=[Alternative(text, -0.3, confidence)],
+        confidence=confidence,
     )
     with Store(db) as store:
         store.write_batch(
@@ -370,9 +371,30 @@ def test_cli_alt_text_in_place_from_the_database(site: Path, tmp_path: Path) -> 
     )
     assert page.stat().st_mode & 0o777 == 0o640
     assert (
-        f"{page}: 1 filled (1 from the database, 0 from the model), 1 kept, 1 skipped (not local), 0 failed"
-        in result.output
+        f"{page}: 1 filled (1 from the database, 0 from the model), 1 kept, 1 skipped (not local), "
+        "0 held back (confidence below 0.50), 0 failed" in " ".join(result.output.split())
     )
+
+
+@pytest.mark.parametrize(
+    ("confidence", "minimum", "filled"),
+    [(0.49, None, False), (0.5, None, True), (None, None, False), (0.2, "0.1", True), (None, "0", True),
+     (0.95, "0.96", False)],
+)
+def test_cli_alt_text_holds_back_doubtful_captions(site: Path, tmp_path: Path, confidence, minimum,
+                                                   filled: bool) -> None:
+    db = tmp_path / "captions.db"
+    annotate(db, site / "img" / "dog.jpg", "a dog in the park", confidence=confidence)
+    page = site / "p.html"
+    page.write_text('<img src="img/dog.jpg">\n', encoding="utf-8")
+    extra = ["--min-confidence", minimum] if minimum is not None else []
+    result = CliRunner().invoke(app, ["alt-text", str(page), "--in-place", "--db", str(db), *extra])
+    assert result.exit_code == 0, result.output  # held back is not a failure
+    expected = '<img src="img/dog.jpg" alt="A dog in the park.">\n' if filled else '<img src="img/dog.jpg">\n'
+    assert page.read_text(encoding="utf-8") == expected
+    shown = minimum or "0.5"
+    assert (f"{int(filled)} filled" in result.output
+            and f"{int(not filled)} held back (confidence below {float(shown):.2f})" in " ".join(result.output.split()))
 
 
 def test_cli_alt_text_out_and_json_and_failures(site: Path, tmp_path: Path) -> None:

@@ -344,7 +344,7 @@ def test_write_metadata_in_place_then_resume_skips(fake, tmp_path: Path, db: Pat
         Image.new("RGB", (40, 30), colour).save(folder / name, quality=90)
     result = run("annotate", folder, "--db", db, "--workers", "0", "--write-metadata", "in-place")
     assert result.exit_code == 0, result.output
-    assert "metadata written 2, failed 0" in result.stdout
+    assert "metadata written 2, held back 0 (confidence below 0.50), failed 0" in result.stdout
     described = subprocess.run(
         ["exiftool", "-s3", "-XMP-dc:Description", str(folder / "one.jpg")],
         capture_output=True, text=True, check=True,
@@ -352,6 +352,35 @@ def test_write_metadata_in_place_then_resume_skips(fake, tmp_path: Path, db: Pat
     assert described == "a red square"
     again = run("annotate", folder, "--db", db, "--workers", "0")
     assert again.stdout.startswith("Captioned 0, skipped 2, failed 0")  # new size/mtime stored
+
+
+def test_write_metadata_holds_back_captions_below_min_confidence(fake, tmp_path: Path, db: Path):
+    if not shutil.which("exiftool"):
+        pytest.skip("exiftool is not installed")
+    folder = tmp_path / "jpegs"
+    folder.mkdir()
+    for name, colour in [("one.jpg", (200, 20, 20)), ("two.jpg", (20, 20, 200))]:
+        Image.new("RGB", (40, 30), colour).save(folder / name, quality=90)
+    # the fake is 0.75 sure of every caption
+    strict = run("annotate", folder, "--db", db, "--workers", "0", "--write-metadata", "sidecar",
+                 "--min-confidence", "0.8")
+    assert strict.exit_code == 0, strict.output  # holding back is not a failure
+    assert "Captioned 2" in strict.stdout and "metadata written 0, held back 2 (confidence below 0.80)" in strict.stdout
+    assert not list(folder.glob("*.xmp"))
+    assert rows(db, "select confidence from images") == [(0.75,), (0.75,)]  # stored all the same
+    # a second run skips the captioning and writes the stored captions that now pass
+    looser = run("annotate", folder, "--db", db, "--workers", "0", "--write-metadata", "sidecar",
+                 "--min-confidence", "0.7")
+    assert looser.exit_code == 0, looser.output
+    assert "skipped 2" in looser.stdout and "metadata written 2, held back 0" in looser.stdout
+    assert sorted(p.name for p in folder.glob("*.xmp")) == ["one.jpg.xmp", "two.jpg.xmp"]
+
+
+def test_annotate_json_has_confidence(fake, photos: Path, db: Path):
+    result = run("annotate", photos, "--db", db, "--workers", "0", "--json")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["confidence"] for r in records] == [0.75, 0.75, 0.75]
+    assert [a["confidence"] for a in records[0]["alternatives"]] == [0.75, 0.25]
 
 
 # -------------------------------------------------------------------- search, show
@@ -367,9 +396,10 @@ def annotated(fake, photos: Path, db: Path) -> Path:
 def test_search(annotated: Path, db: Path):
     result = run("search", "red squares", "--db", db)
     assert result.exit_code == 0
-    assert result.stdout == f"{annotated / 'b' / 'p000.png'}\ta red square\t-0.500\n"
+    assert result.stdout == f"{annotated / 'b' / 'p000.png'}\ta red square\t-0.500\tconfidence 0.75\n"
     as_json = json.loads(run("search", "square", "--db", db, "--json", "--limit", "2").stdout)
-    assert len(as_json) == 2 and {"path", "caption", "score", "model_id"} <= set(as_json[0])
+    assert len(as_json) == 2 and {"path", "caption", "score", "confidence", "model_id"} <= set(as_json[0])
+    assert as_json[0]["confidence"] == 0.75
     nothing = run("search", "giraffe", "--db", db)
     assert nothing.exit_code == 0 and nothing.stdout == "" and "No caption matches" in nothing.stderr
     phrase = run("search", '"red square"', "--db", db)
@@ -385,8 +415,9 @@ def test_show_text_and_json(annotated: Path, db: Path, monkeypatch):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == str(photo)
-    assert lines[1] == "  caption: a green square  (score -0.500)"
-    assert lines[-2:] == ["    1. a green square  (-0.500)", "    2. a green thing  (-0.900)"]
+    assert lines[1] == "  caption: a green square  (score -0.500, confidence 0.75)"
+    assert lines[-2:] == ["    1. a green square  (-0.500, confidence 0.75)",
+                          "    2. a green thing  (-0.900, confidence 0.25)"]
     data = json.loads(run("show", photo, "--db", db, "--json").stdout)
     assert data["caption"] == "a green square" and data["status"] == "ok"
     assert data["words"] == ["a", "green", "square"]

@@ -29,10 +29,11 @@ def tags(path: Path) -> dict:
     return json.loads(done.stdout)[0]
 
 
-def captioned(path: Path, text: str) -> CaptionResult:
+def captioned(path: Path, text: str, confidence: float | None = 0.9) -> CaptionResult:
     words = text.split()
     info = path.stat()
-    caption = Caption(text, -0.5, words, np.full((len(words), 7, 7), 1 / 49, np.float32), [Alternative(text, -0.5)])
+    caption = Caption(text, -0.5, words, np.full((len(words), 7, 7), 1 / 49, np.float32),
+                      [Alternative(text, -0.5, confidence)], confidence=confidence)
     return CaptionResult(path, info.st_size, info.st_mtime, "ok", 64, 48, caption=caption)
 
 
@@ -74,7 +75,7 @@ def test_sidecars_by_default(library) -> None:
     photos, db = library
     result = invoke("--db", db)
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == "Metadata (sidecar): 3 written, 0 unchanged, 0 skipped, 0 failed"
+    assert result.stdout.strip() == "Metadata (sidecar): 3 written, 0 unchanged, 0 skipped, 0 held back (confidence below 0.50), 0 failed"
     found = tags(photos / "cat.png.xmp")
     assert found["XMP-dc:Description"] == "eine Katze schläft — 猫"
     assert found["XMP-captioncli:Model"] == "sat-lite0-flickr8k"
@@ -87,14 +88,14 @@ def test_in_place_twice_then_unchanged(library) -> None:
     first = invoke("--db", db, "--mode", "in-place", "--json")
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout)
-    assert report["counts"] == {"written": 3, "unchanged": 0, "skipped": 0, "error": 0}
+    assert report["counts"] == {"written": 3, "unchanged": 0, "skipped": 0, "held-back": 0, "error": 0}
     assert tags(photos / "trip/boat.webp")["IFD0:ImageDescription"] == "a boat on the water"
     with Store(db) as store:  # the new size/mtime is stored, so annotate's resume still skips
         row = store.get_image(str(photos / "dog.jpg"))
     assert row["size"] == (photos / "dog.jpg").stat().st_size
 
     second = invoke("--db", db, "--mode", "in-place", "--json")
-    assert json.loads(second.stdout)["counts"] == {"written": 0, "unchanged": 3, "skipped": 0, "error": 0}
+    assert json.loads(second.stdout)["counts"] == {"written": 0, "unchanged": 3, "skipped": 0, "held-back": 0, "error": 0}
 
 
 def test_paths_select_files_and_folders(library) -> None:
@@ -122,7 +123,7 @@ def test_a_failed_file_makes_exit_code_1_and_the_rest_is_written(library) -> Non
     result = invoke("--db", db, "--mode", "in-place")
     assert result.exit_code == 1
     assert f"{photos / 'dog.jpg'}: read-only file; left unchanged" in result.stderr
-    assert "2 written, 0 unchanged, 0 skipped, 1 failed" in result.stdout
+    assert "2 written, 0 unchanged, 0 skipped, 0 held back (confidence below 0.50), 1 failed" in result.stdout
     assert tags(photos / "cat.png")["XMP-dc:Description"] == "eine Katze schläft — 猫"
 
 
@@ -144,7 +145,7 @@ def test_dry_run_changes_nothing(library) -> None:
     before = {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()}
     result = invoke("--db", db, "--mode", "in-place", "--dry-run")
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == "Metadata (in-place): 3 would write, 0 unchanged, 0 skipped, 0 failed"
+    assert result.stdout.strip() == "Metadata (in-place): 3 would write, 0 unchanged, 0 skipped, 0 held back (confidence below 0.50), 0 failed"
     assert {p: p.read_bytes() for p in photos.rglob("*") if p.is_file()} == before
 
 
@@ -166,3 +167,31 @@ def test_missing_database_is_a_usage_error(tmp_path: Path) -> None:
     result = invoke("--db", tmp_path / "nope.db")
     assert result.exit_code == 2
     assert "nope.db: no caption database here; run 'caption-cli annotate DIR' first" in flat(result.stderr)
+
+
+@pytest.mark.parametrize(("minimum", "written"), [(None, {"dog.jpg"}), ("0.2", {"dog.jpg", "cat.png"}), ("0", {"dog.jpg", "cat.png", "boat.webp"})])
+def test_captions_below_min_confidence_are_held_back_and_counted(tmp_path: Path, minimum, written: set) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in [("dog.jpg", (40, 140, 60)), ("cat.png", (200, 40, 30)), ("boat.webp", (0, 0, 200))]:
+        Image.new("RGB", (64, 48), colour).save(photos / name)
+    db = tmp_path / "captions.db"
+    with Store(db) as store:
+        run = store.start_run(MODEL_ID, "cpu", ["annotate"])
+        store.write_batch([captioned(photos / "dog.jpg", "a dog", 0.5),  # exactly at the default: kept
+                           captioned(photos / "cat.png", "a cat", 0.49),
+                           captioned(photos / "boat.webp", "a boat", None)],  # unknown: only at 0
+                          MODEL_ID, run)
+    extra = ["--min-confidence", minimum] if minimum is not None else []
+    result = CliRunner().invoke(app, ["write-metadata", "--db", str(db), "--json", *extra])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {Path(f["path"]).name for f in report["files"] if f["status"] == "written"} == written
+    assert report["counts"]["held-back"] == 3 - len(written)
+    assert report["counts"]["written"] == len(written)
+    assert {Path(p).name for p in photos.glob("*.xmp")} == {f"{name}.xmp" for name in written}
+    held = {Path(f["path"]).name: f["message"] for f in report["files"] if f["status"] == "held-back"}
+    if "cat.png" in held:
+        assert held["cat.png"] == f"confidence 0.49 is below --min-confidence {float(minimum or 0.5):.2f}"
+    if "boat.webp" in held:
+        assert held["boat.webp"].startswith("caption has no confidence")

@@ -42,8 +42,10 @@ class FakeCaptioner:
     on the right file. delay (seconds per batch) makes a run slow enough to kill.
     """
 
-    def __init__(self, model_id: str = "fake@000000000000", delay: float = 0.0, fail_after: int | None = None):
+    def __init__(self, model_id: str = "fake@000000000000", delay: float = 0.0, fail_after: int | None = None,
+                 confidence: float | None = 0.75):
         self.bundle = FakeBundle(model_id=model_id)
+        self.confidence = confidence
         self.device = "cpu"
         self.providers = ["CPUExecutionProvider"]
         self.delay = delay
@@ -68,7 +70,9 @@ class FakeCaptioner:
                     score=-0.5,
                     words=words,
                     attention=attention,
-                    alternatives=[Alternative(" ".join(words), -0.5), Alternative(f"a {colour} thing", -0.9)],
+                    alternatives=[Alternative(" ".join(words), -0.5, self.confidence),
+                                  Alternative(f"a {colour} thing", -0.9, 0.25)],
+                    confidence=self.confidence,
                 )
             )
         return captions

@@ -36,7 +36,8 @@ def hot_grid(row: int, col: int) -> np.ndarray:
 
 
 def ok_result(
-    path: Path, text: str, hot: list[tuple[int, int]], alternatives: list[str] | None = None
+    path: Path, text: str, hot: list[tuple[int, int]], alternatives: list[str] | None = None,
+    confidence: float | None = 0.9,
 ) -> CaptionResult:
     words = text.split()
     attention = np.stack([hot_grid(*hot[i % len(hot)]) for i in range(len(words))])
@@ -44,7 +45,8 @@ def ok_result(
         Alternative(alt, -0.5 - i) for i, alt in enumerate(alternatives or [])
     ]
     stat = path.stat()
-    caption = Caption(text=text, score=-0.25, words=words, attention=attention, alternatives=ranked)
+    caption = Caption(text=text, score=-0.25, words=words, attention=attention, alternatives=ranked,
+                      confidence=confidence)
     return CaptionResult(
         path=path,
         size=stat.st_size,
@@ -76,7 +78,7 @@ def make_library(root: Path, extra: int = 0) -> Path:
             [(0, 0), (0, 0), (3, 3), (5, 5), (6, 6), (6, 0)],
             ["a dog on grass", "a brown dog"],
         ),
-        ok_result(photos / "car.jpg", "a red car parked on a street", [(6, 6)], ["a car"]),
+        ok_result(photos / "car.jpg", "a red car parked on a street", [(6, 6)], ["a car"], confidence=0.2),
         ok_result(evil, EVIL, [(2, 2)]),
         CaptionResult(
             path=photos / "broken.jpg",
@@ -126,7 +128,7 @@ def test_card_escapes_every_untrusted_string() -> None:
 
 def test_report_is_self_contained_and_escaped(library: Path, tmp_path: Path) -> None:
     with Store(library) as store:
-        summary = build_report(store, tmp_path / "report")
+        summary = build_report(store, tmp_path / "report", min_confidence=0.5)
     page = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
     assert (summary.pages, summary.photos, summary.failed, summary.thumbs_made) == (1, 4, 1, 3)
     assert summary.thumb_errors == []
@@ -145,6 +147,11 @@ def test_report_is_self_contained_and_escaped(library: Path, tmp_path: Path) -> 
         '<button type="button" class="word" data-word="1" aria-pressed="false">dog</button>' in page
     )
     assert "a brown dog" in page and "-1.500" in page  # alternatives with scores
+    # confidence on every card; the doubtful car caption is shown, marked, and kept out of alt=
+    assert summary.doubtful == 1
+    assert '<p class="confidence" title="calibrated probability that the caption is acceptable">confidence 0.90</p>' in page
+    assert "confidence 0.20 · low: may be wrong, not used as alt text" in page
+    assert 'alt="a dog runs on the grass"' in page and 'alt="a red car parked on a street"' not in page
 
 
 def test_thumbnails_are_cached_and_upright(library: Path, tmp_path: Path) -> None:
@@ -237,7 +244,8 @@ def test_report_command(library: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", "--db", str(library), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert (
-        f"Wrote {out / 'index.html'}: 4 photos on 1 page (1 failed); thumbnails: 3 made, 0 reused"
+        f"Wrote {out / 'index.html'}: 4 photos on 1 page (1 failed, 1 marked low confidence, below 0.50); "
+        "thumbnails: 3 made, 0 reused"
         in " ".join(result.output.split())
     )
     assert (out / "index.html").is_file()

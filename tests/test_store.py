@@ -24,7 +24,8 @@ def ok_result(path: str, text: str, size: int = 100, mtime: float = 1.5, grid=(2
         score=-0.25,
         words=words,
         attention=attention,
-        alternatives=[Alternative(text, -0.25), Alternative(text + " again", -0.75)],
+        alternatives=[Alternative(text, -0.25, 0.8), Alternative(text + " again", -0.75, 0.3)],
+        confidence=0.8,
     )
     return CaptionResult(Path(path), size, mtime, "ok", 640, 480, caption=caption)
 
@@ -90,12 +91,12 @@ def test_write_batch_stores_rows_alternatives_and_attention(store: Store):
         "path": "/photos/a.jpg", "size": 100, "mtime": 1.5, "width": 640, "height": 480,
         "status": "ok", "error": None,
     }
-    assert (row["caption"], row["score"], row["model_id"], row["run_id"]) == (
-        "a dog on the beach", -0.25, MODEL, run_id,
+    assert (row["caption"], row["score"], row["confidence"], row["model_id"], row["run_id"]) == (
+        "a dog on the beach", -0.25, 0.8, MODEL, run_id,
     )
     assert store.alternatives(row["id"]) == [
-        {"rank": 1, "caption": "a dog on the beach", "score": -0.25},
-        {"rank": 2, "caption": "a dog on the beach again", "score": -0.75},
+        {"rank": 1, "caption": "a dog on the beach", "score": -0.25, "confidence": 0.8},
+        {"rank": 2, "caption": "a dog on the beach again", "score": -0.75, "confidence": 0.3},
     ]
     attention = store.attention(row["id"])
     assert [word for word, _ in attention] == ["a", "dog", "on", "the", "beach"]

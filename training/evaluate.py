@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from caption_cli.beam import SearchOptions, beam_search, never_emitted
+from caption_cli.results import Caption
 from training.datasets import DataSet, Record
 from training.metrics import score_captions
 
@@ -81,13 +82,21 @@ def caption_with_bundle(bundle_dir: Path | None, dataset: DataSet, records: Sequ
                         device: str = "auto", length_penalty: float | None = None,
                         batch_size: int = 32) -> dict[int, Captions]:
     """Captions per beam size from a model bundle, decoding the images as `annotate` does."""
+    found = bundle_captions(bundle_dir, dataset, records, beams, device, length_penalty, batch_size)
+    return {beam: {image_id: caption.text for image_id, caption in by_id.items()} for beam, by_id in found.items()}
+
+
+def bundle_captions(bundle_dir: Path | None, dataset: DataSet, records: Sequence[Record], beams: Sequence[int],
+                    device: str = "auto", length_penalty: float | None = None,
+                    batch_size: int = 32) -> dict[int, dict[str, Caption]]:
+    """The runtime's full Caption (text, scores, confidence) per beam size and image id."""
     from caption_cli.bundle import load_bundle
     from caption_cli.captioner import Captioner
     from caption_cli.images import decode
 
     bundle = load_bundle(bundle_dir)
     size = bundle.image_size
-    results: dict[int, Captions] = {beam: {} for beam in beams}
+    results: dict[int, dict[str, Caption]] = {beam: {} for beam in beams}
     captioners = {beam: Captioner(bundle, device, SearchOptions(beam_size=beam, alternatives=1,
                                                                 length_penalty=length_penalty)) for beam in beams}
     with _progress() as progress, ThreadPoolExecutor(2) as pool:
@@ -100,7 +109,7 @@ def caption_with_bundle(bundle_dir: Path | None, dataset: DataSet, records: Sequ
             pixels = np.stack([d.pixels for d in decoded])
             for beam, captioner in captioners.items():
                 for record, caption in zip(chunk, captioner.caption(pixels)):
-                    results[beam][record.image_id] = caption.text
+                    results[beam][record.image_id] = caption
             progress.advance(task, len(chunk))
     return results
 

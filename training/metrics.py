@@ -20,6 +20,39 @@ def _simple_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[st
     return {key: [" ".join(tokenize(c)) for c in values] for key, values in captions.items()}
 
 
+def _tokenized(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str],
+               ptb: bool) -> tuple[dict, dict, list[str]]:
+    """(refs, hyps, notes) tokenised for pycocoevalcap: PTB when Java is there, ours otherwise."""
+    ids = sorted(hypotheses)
+    refs = {i: list(references[i]) for i in ids}
+    hyps = {i: [hypotheses[i]] for i in ids}
+    notes = []
+    if ptb and java_available():
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tokenizer = PTBTokenizer()
+        refs = tokenizer.tokenize({i: [{"caption": c} for c in refs[i]] for i in ids})
+        hyps = tokenizer.tokenize({i: [{"caption": c} for c in hyps[i]] for i in ids})
+    else:
+        if ptb:
+            notes.append("java not found: PTB tokenizer replaced by the project's tokenizer")
+        refs, hyps = _simple_tokenize(refs), _simple_tokenize(hyps)
+    return refs, hyps, notes
+
+
+def per_image_cider(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str],
+                    *, ptb: bool = True) -> tuple[list[str], "np.ndarray"]:
+    """(ids sorted, CIDEr of each image's hypothesis) with document frequencies over these images,
+    as pycocoevalcap computes the corpus CIDEr (its mean is the corpus score)."""
+    import numpy as np
+    from pycocoevalcap.cider.cider import Cider
+
+    refs, hyps, _ = _tokenized(references, hypotheses, ptb)
+    ids = sorted(hyps)
+    _, scores = Cider().compute_score({i: refs[i] for i in ids}, {i: hyps[i] for i in ids})
+    return ids, np.asarray(scores, dtype=np.float64)
+
+
 def score_captions(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str],
                    *, meteor: bool = True, ptb: bool = True) -> dict[str, float]:
     """Corpus scores for hypotheses[id] against references[id] (several each).
@@ -31,21 +64,8 @@ def score_captions(references: Mapping[str, Sequence[str]], hypotheses: Mapping[
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    ids = sorted(hypotheses)
-    refs = {i: list(references[i]) for i in ids}
-    hyps = {i: [hypotheses[i]] for i in ids}
     has_java = java_available()
-    notes = []
-    if ptb and has_java:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        tokenizer = PTBTokenizer()
-        refs = tokenizer.tokenize({i: [{"caption": c} for c in refs[i]] for i in ids})
-        hyps = tokenizer.tokenize({i: [{"caption": c} for c in hyps[i]] for i in ids})
-    else:
-        if ptb:
-            notes.append("java not found: PTB tokenizer replaced by the project's tokenizer")
-        refs, hyps = _simple_tokenize(refs), _simple_tokenize(hyps)
+    refs, hyps, notes = _tokenized(references, hypotheses, ptb)
     scores: dict[str, float] = {}
     bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
     for n, value in enumerate(bleu, start=1):

@@ -31,6 +31,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from caption_cli.confidence import DEFAULT_MIN_CONFIDENCE
 from caption_cli.display import display_text
 from caption_cli.errors import BundleError, CaptionCliError
 from caption_cli.results import CaptionResult
@@ -72,6 +73,16 @@ ModelOption = Annotated[
 ]
 DeviceOption = Annotated[
     Device, typer.Option("--device", help="Where the model runs; auto picks CUDA when it works.")
+]
+MinConfidenceOption = Annotated[
+    float,
+    typer.Option(
+        "--min-confidence",
+        min=0.0,
+        max=1.0,
+        help="Publish only captions at least this sure (calibrated probability that a caption is"
+        " acceptable); the rest are held back and counted. 0 keeps every caption.",
+    ),
 ]
 
 
@@ -248,11 +259,13 @@ class _Reporter:
                     "status": result.status,
                     "caption": caption.text if caption else None,
                     "score": caption.score if caption else None,
+                    "confidence": caption.confidence if caption else None,
                     "error": result.error,
                     "width": result.width,
                     "height": result.height,
                     "alternatives": [
-                        {"caption": a.caption, "score": a.score} for a in caption.alternatives
+                        {"caption": a.caption, "score": a.score, "confidence": a.confidence}
+                        for a in caption.alternatives
                     ]
                     if caption
                     else [],
@@ -262,7 +275,8 @@ class _Reporter:
 
     def skipped(self, path: Path) -> None:
         if self.as_json:
-            self._json({"path": path, "status": "skipped", "caption": None, "score": None, "error": None})
+            self._json({"path": path, "status": "skipped", "caption": None, "score": None, "confidence": None,
+                        "error": None})
         self._advance()
 
     def metadata(self, outcome: Any) -> None:
@@ -305,6 +319,7 @@ def annotate(
         MetadataMode | None,
         typer.Option("--write-metadata", help="Also write captions into photo metadata."),
     ] = None,
+    min_confidence: MinConfidenceOption = DEFAULT_MIN_CONFIDENCE,
     as_json: JsonOption = False,
 ) -> None:
     """Caption every photo under the given folders into the database.
@@ -324,6 +339,7 @@ def annotate(
         batch_size=batch_size,
         workers=default_workers() if workers is None else workers,
         force=force,
+        min_confidence=min_confidence,
     )
     show_progress = _interactive()
 
@@ -364,7 +380,8 @@ def annotate(
         f" in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s) on {captioner.device}"
     )
     if write_metadata is not None:
-        line += f"; metadata written {summary.metadata_written}, failed {summary.metadata_failed}"
+        line += (f"; metadata written {summary.metadata_written}, held back {summary.metadata_held_back}"
+                 f" (confidence below {min_confidence:.2f}), failed {summary.metadata_failed}")
     if dry_run:
         line += " (dry run: nothing was written)"
     typer.echo(line + ".", err=as_json)
@@ -472,7 +489,7 @@ def search(
     if not rows:
         typer.echo(f"No caption matches {query!r}.", err=True)
     for row in rows:
-        typer.echo(f"{display_text(row['path'])}\t{row['caption']}\t{row['score']:.3f}")
+        typer.echo(f"{display_text(row['path'])}\t{row['caption']}\t{row['score']:.3f}\t{_confidence_text(row)}")
 
 
 def _check_query(query: str) -> None:
@@ -537,14 +554,20 @@ def show(
     if row["status"] != "ok":
         typer.echo(f"  error: {display_text(row['error'] or 'failed')}")
         raise typer.Exit(1)
-    typer.echo(f"  caption: {row['caption']}  (score {row['score']:.3f})")
+    typer.echo(f"  caption: {row['caption']}  (score {row['score']:.3f}, {_confidence_text(row)})")
     typer.echo(f"  model: {row['model_id']}, captioned {row['captioned_at']}, {row['width']}x{row['height']} px")
     if alternatives:
         typer.echo("  alternatives:")
         for alt in alternatives:
-            typer.echo(f"    {alt['rank']}. {alt['caption']}  ({alt['score']:.3f})")
+            typer.echo(f"    {alt['rank']}. {alt['caption']}  ({alt['score']:.3f}, {_confidence_text(alt)})")
     if heatmap is not None:
         typer.echo(f"  attention heat-map: {display_text(heatmap)}")
+
+
+def _confidence_text(row: dict) -> str:
+    """"confidence 0.73", or "confidence unknown" for a row of an uncalibrated model."""
+    value = row.get("confidence")
+    return "confidence unknown" if value is None else f"confidence {value:.2f}"
 
 
 def _write_heatmap(row: dict, attention: list, out: Path) -> None:
@@ -590,6 +613,7 @@ def info(
         "search": meta.get("search", {}),
         "scores": meta.get("scores", {}),
         "training": {k: v for k, v in meta.get("training", {}).items() if k != "config"},
+        "calibration": meta.get("calibration"),
         "providers_available": onnxruntime.get_available_providers(),
         "providers": list(captioner.providers),
         "device": captioner.device,
@@ -601,11 +625,27 @@ def info(
     typer.echo(f"backbone:  {data['backbone']}, {data['image_size']} px, grid {'x'.join(map(str, data['grid']))}")
     for index, line in enumerate(_score_lines(data["scores"], data["search"].get("beam_size"))):
         typer.echo(f"{'scores:' if index == 0 else '':<11}{line}")
+    typer.echo(f"confidence: {_calibration_line(meta.get('calibration'))}")
     typer.echo(f"providers: {', '.join(data['providers_available'])} (available)")
     typer.echo(f"device:    {data['device']} ({', '.join(data['providers'])})")
 
 
 METRICS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+
+def _calibration_line(calibration: dict | None) -> str:
+    """Where the confidence map was fitted and how well it matched there."""
+    if not calibration:
+        return "not calibrated (captions have no confidence; run caption-cli calibrate)"
+    fitted = calibration.get("fitted_on", {})
+    quality = calibration.get("quality", {})
+    threshold = calibration.get("acceptable", {}).get("threshold")
+    parts = [f"fitted on {fitted.get('data', '?')} {fitted.get('split', '?')} ({fitted.get('images', '?')} images)"]
+    if threshold is not None:
+        parts.append(f"acceptable = CIDEr >= {threshold}")
+    if "ece" in quality:
+        parts.append(f"ECE {quality['ece']:.3f}")
+    return ", ".join(parts)
 
 
 def _score_lines(scores: dict, default_beam: int | None) -> list[str]:

@@ -13,10 +13,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from caption_cli.commands.annotate import MinConfidenceOption
+from caption_cli.confidence import DEFAULT_MIN_CONFIDENCE, held_back_message, split_by_confidence
 from caption_cli.errors import CaptionCliError
 from caption_cli.store import DB_ENV, DEFAULT_DB
 
 CHUNK = 64  # requests per writer call: steady progress, bounded memory
+HELD_BACK = "held-back"  # a caption below --min-confidence: counted, never written
 
 
 class Mode(str, Enum):
@@ -49,6 +52,7 @@ def write_metadata(
         SidecarName.default, "--sidecar-name",
         help="default: IMG_1.jpg.xmp (darktable, digiKam, Immich); adobe: IMG_1.xmp (Lightroom, Bridge).",
     ),
+    min_confidence: MinConfidenceOption = DEFAULT_MIN_CONFIDENCE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be written; change nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every file's outcome."),
 ) -> None:
@@ -77,6 +81,10 @@ def write_metadata(
         ) as writer, _progress(err) as progress:
             rows, unknown = _select(store, paths or [])
             tell([MetadataOutcome(p, "error", "no caption in the database; run annotate first") for p in unknown])
+            rows, held = split_by_confidence(rows, min_confidence)  # no metadata beats wrong metadata
+            outcomes.extend(MetadataOutcome(Path(row["path"]), HELD_BACK,
+                                            held_back_message(row.get("confidence"), min_confidence))
+                            for row in held)
             task = progress.add_task("Metadata", total=len(rows))
             for chunk in _chunks(rows, CHUNK):
                 done = writer.write([_request(row) for row in chunk])
@@ -92,14 +100,16 @@ def write_metadata(
     if as_json:
         typer.echo(json.dumps({
             "mode": mode.value, "dry_run": dry_run,
-            "counts": {status: counts.get(status, 0) for status in ("written", "unchanged", "skipped", "error")},
+            "min_confidence": min_confidence,
+            "counts": {status: counts.get(status, 0) for status in ("written", "unchanged", "skipped", HELD_BACK, "error")},
             "files": [{"path": str(o.path), "status": o.status, "message": o.message} for o in outcomes],
         }, ensure_ascii=False, indent=2))
     else:
         written = "would write" if dry_run else "written"
         typer.echo(
             f"Metadata ({mode.value}): {counts['written']} {written}, {counts['unchanged']} unchanged, "
-            f"{counts['skipped']} skipped, {counts['error']} failed"
+            f"{counts['skipped']} skipped, {counts[HELD_BACK]} held back (confidence below {min_confidence:.2f}), "
+            f"{counts['error']} failed"
         )
     if counts["error"]:
         raise typer.Exit(1)

@@ -13,7 +13,15 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from caption_cli.commands.annotate import DbOption, Device, DeviceOption, JsonOption, ModelOption
+from caption_cli.commands.annotate import (
+    DbOption,
+    Device,
+    DeviceOption,
+    JsonOption,
+    MinConfidenceOption,
+    ModelOption,
+)
+from caption_cli.confidence import DEFAULT_MIN_CONFIDENCE
 from caption_cli.errors import CaptionCliError
 from caption_cli.store import DEFAULT_DB
 
@@ -42,6 +50,7 @@ def report(
             "--workers", min=1, help="Threads making thumbnails (default: cores, at most 8)."
         ),
     ] = min(8, os.cpu_count() or 1),
+    min_confidence: MinConfidenceOption = DEFAULT_MIN_CONFIDENCE,
 ) -> None:
     """Write a static HTML gallery of the captions, with per-word attention heat-maps.
 
@@ -66,6 +75,7 @@ def report(
                 thumb_size=thumb_size,
                 workers=workers,
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+                min_confidence=min_confidence,
             )
     except (CaptionCliError, OSError) as error:
         err.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
@@ -74,7 +84,8 @@ def report(
         err.print(line, markup=False, highlight=False, soft_wrap=True)
     pages = f"{summary.pages} page" + ("s" if summary.pages != 1 else "")
     typer.echo(
-        f"Wrote {summary.index}: {summary.photos} photos on {pages} ({summary.failed} failed); "
+        f"Wrote {summary.index}: {summary.photos} photos on {pages} ({summary.failed} failed, "
+        f"{summary.doubtful} marked low confidence, below {min_confidence:.2f}); "
         f"thumbnails: {summary.thumbs_made} made, {summary.thumbs_reused} reused"
         + (f", {len(summary.thumb_errors)} failed" if summary.thumb_errors else "")
     )
@@ -125,6 +136,7 @@ def alt_text(
             help='Folder that src="/..." is relative to (default: the page\'s folder).',
         ),
     ] = None,
+    min_confidence: MinConfidenceOption = DEFAULT_MIN_CONFIDENCE,
     as_json: JsonOption = False,
 ) -> None:
     """Fill missing or empty alt text of local images in an HTML or Markdown page.
@@ -152,7 +164,7 @@ def alt_text(
     err = Console(stderr=True)
     store = _open_store_if_present(db)
     try:
-        lookup = StoreThenModel(store, model, device=device.value)
+        lookup = StoreThenModel(store, model, device=device.value, min_confidence=min_confidence)
         result = fill_alt_text(
             page, lookup, limit=limit, keep_empty=keep_empty, site_root=site_root
         )
@@ -187,7 +199,9 @@ def alt_text(
     )
     err.print(
         f"{page}: {result.count('filled')} filled{source}, {result.count('kept')} kept, "
-        f"{result.count('skipped')} skipped (not local), {result.count('failed')} failed",
+        f"{result.count('skipped')} skipped (not local), "
+        f"{result.count('low-confidence')} held back (confidence below {min_confidence:.2f}), "
+        f"{result.count('failed')} failed",
         markup=False,
         highlight=False,
         soft_wrap=True,
