@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -131,6 +132,20 @@ def _json_list(values: Iterable) -> str:
     return json.dumps([str(v) if isinstance(v, Path) else v for v in values])
 
 
+def _enable_wal(db: Database, tries: int = 100) -> None:
+    """Switch to WAL, waiting for another process that is creating the same new file:
+    SQLite answers a journal-mode change with "database is locked" at once, without
+    calling the busy handler, while that process holds its first write lock."""
+    for attempt in range(tries):
+        try:
+            db.enable_wal()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.05)
+
+
 class Store:
     """One caption database file; open it once per process."""
 
@@ -140,7 +155,7 @@ class Store:
             conn = sqlite3.connect(str(self.path), timeout=busy_timeout)
             self.db = Database(conn)
             self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            self.db.enable_wal()
+            _enable_wal(self.db)
             self._migrate()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the caption database: {exc}") from exc
