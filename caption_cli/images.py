@@ -12,6 +12,8 @@ a codec crash) costs only the file it was reading, unless workers cannot run at 
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import io
 import multiprocessing
 import os
 import pickle
@@ -60,6 +62,15 @@ class DecodedImage:
     width: int | None  # upright size of the original photo
     height: int | None
     error: str | None = None
+    content_hash: str | None = None  # BLAKE2b of the bytes decoded (None: they could not be read)
+
+
+CONTENT_HASH_BYTES = 20  # BLAKE2b-160: collisions are not a concern at photo-library sizes
+
+
+def content_hash(data: bytes) -> str:
+    """The hex BLAKE2b digest the store matches copies and moved files by."""
+    return hashlib.blake2b(data, digest_size=CONTENT_HASH_BYTES).hexdigest()
 
 
 # ---------------------------------------------------------------------------- walk
@@ -84,20 +95,41 @@ def walk(
     is small however many files there are. A folder that cannot be listed, or a name
     that is not valid UTF-8 (the database cannot store it), is reported through
     on_error and skipped.
+
+    Paths are real paths (os.path.realpath): one file is one row, however it is
+    reached (a symlinked root or folder, a symlink to a file). A dangling symlink
+    keeps its own path, so its row names the link that is broken.
     """
     visited: set[tuple[int, int]] = set()
-    given_files: set[Path] = set()  # files named as roots: few, so a set is fine
+    # Real paths reached through a file symlink or named as roots: few, so a set is
+    # fine; a regular file inside a folder is unique already (each folder walked once).
+    linked: set[Path] = set()
     report = on_error or (lambda path, message: None)
     for root in roots:
         root = _absolute(root)
         if root.is_dir():
-            for path in _walk_folder(root, recursive, include_hidden, visited, report):
-                if path not in given_files:
-                    yield path
-        elif root not in given_files and not _already_walked(root, include_hidden, visited):
-            given_files.add(root)
-            if _valid_name(root, report):
-                yield root
+            for path, through_link in _walk_folder(_real(root), recursive, include_hidden, visited, report):
+                if path in linked:
+                    continue
+                if through_link:
+                    if _already_walked(path, include_hidden, visited):
+                        continue  # its folder yields (or yielded) it under this same name
+                    linked.add(path)
+                yield path
+        else:
+            real = _real(root)
+            if real not in linked and not _already_walked(real, include_hidden, visited):
+                linked.add(real)
+                if _valid_name(real, report):
+                    yield real
+
+
+def _real(path: Path) -> Path:
+    """The real path of an existing file or folder; a dangling link stays as it is."""
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except OSError:
+        return path
 
 
 def _absolute(root: Path | str) -> Path:
@@ -106,8 +138,7 @@ def _absolute(root: Path | str) -> Path:
     os.path.abspath drops `link/..` as text, which names the folder holding the link,
     but the kernel (and `ls link/..`) goes to the parent of the link's *target*. So a
     `..` that follows a symlink resolves that link first. Every other part stays as
-    typed, symlinks included, because the paths yielded under a root are the paths
-    stored: realpath of the whole root would move the rows of symlinked roots.
+    typed here; walk then takes the real path of what this names.
     """
     path = Path(os.path.join(os.getcwd(), root))  # an absolute root stays as is
     if ".." not in path.parts:
@@ -140,8 +171,13 @@ def _walk_folder(
     include_hidden: bool,
     visited: set[tuple[int, int]],
     report: WalkErrorHandler,
-) -> Iterator[Path]:
-    """Depth-first, name-sorted walk with an explicit stack (no recursion limit)."""
+) -> Iterator[tuple[Path, bool]]:
+    """Depth-first, name-sorted walk with an explicit stack (no recursion limit).
+
+    Yields (real path, whether it was reached through a file symlink). top is a real
+    path and each sub-folder is listed by its real path, so only file symlinks need
+    resolving.
+    """
     stack: list[Iterator[os.DirEntry]] = []
     entries = _list_folder(top, visited, report)
     if entries is not None:
@@ -156,13 +192,18 @@ def _walk_folder(
         path = Path(entry.path)
         if _is_dir(entry):
             if recursive:
-                entries = _list_folder(path, visited, report)
+                entries = _list_folder(_real(path) if entry.is_symlink() else path, visited, report)
                 if entries is not None:
                     stack.append(entries)
         elif is_image_name(entry.name) and (_is_file(entry) or entry.is_symlink()):
             # A dangling symlink is yielded too, so it becomes a row with its cause.
+            through_link = False
+            if entry.is_symlink():
+                real = _real(path)
+                through_link = real != path  # a dangling link stays itself
+                path = real
             if _valid_name(path, report):
-                yield path
+                yield path, through_link
 
 
 def _list_folder(
@@ -237,23 +278,42 @@ def _register_heif() -> None:
 
 
 def decode(path: Path, size: int) -> DecodedImage:
-    """Model pixels [size, size, 3] for one file; a bad file gives error, never raises."""
+    """Model pixels [size, size, 3] for one file; a bad file gives error, never raises.
+
+    The file is read once: the same bytes are hashed (DecodedImage.content_hash, which
+    the store matches moved and copied files by) and decoded.
+    """
     path = Path(path)
+    digest = None
     try:
+        data = _read(path)
+        digest = content_hash(data)
         with warnings.catch_warnings():
             # Corrupt-EXIF and large-image warnings would print from every worker;
             # what matters is whether the pixels decode, which errors below report.
             warnings.simplefilter("ignore")
-            return _decode(path, size)
+            decoded = _decode(path, data, size)
     except Exception as exc:  # noqa: BLE001 - one bad file must never end the run
-        return DecodedImage(path, None, None, None, describe_error(exc, path))
+        return DecodedImage(path, None, None, None, describe_error(exc, path), digest)
+    decoded.content_hash = digest
+    return decoded
 
 
-def _decode(path: Path, size: int) -> DecodedImage:
-    if path.stat().st_size == 0:
+def _read(path: Path) -> bytes:
+    """All of a regular file's bytes (a FIFO or a device named .jpg is refused, never read)."""
+    with open(path, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError("not a regular file")
+        data = file.read()
+    if not data:
         raise ImageError("empty file (0 bytes)")
+    return data
+
+
+def _decode(path: Path, data: bytes, size: int) -> DecodedImage:
     _register_heif()
-    with _open(path) as image:
+    with _open(data) as image:
         width, height = image.size
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         if orientation in _ROTATED_ORIENTATIONS:
@@ -269,7 +329,7 @@ def _decode(path: Path, size: int) -> DecodedImage:
     return DecodedImage(path, pixels, width, height)
 
 
-def _open(path: Path) -> Image.Image:
+def _open(data: bytes) -> Image.Image:
     """Image.open, except that a JPEG too big for Pillow's decompression-bomb guard
     still opens: the guard judges the header size, but draft() decodes a JPEG at up
     to 1/8 per side, so a 200 MP panorama costs about 3 MP. _check_decoded_size then
@@ -282,14 +342,12 @@ def _open(path: Path) -> Image.Image:
     does not, so opening the file through the plugin reads the header unchecked.
     """
     try:
-        return Image.open(path, formats=PILLOW_FORMATS)
+        return Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
     except Image.DecompressionBombError:
-        with open(path, "rb") as file:
-            is_jpeg = file.read(len(_JPEG_MAGIC)) == _JPEG_MAGIC
-        if not is_jpeg:
+        if not data.startswith(_JPEG_MAGIC):
             raise
     # The first frame only, as for any JPEG: an MPO's first picture is this one too.
-    return JpegImagePlugin.JpegImageFile(path)
+    return JpegImagePlugin.JpegImageFile(io.BytesIO(data))
 
 
 def _check_decoded_size(image: Image.Image, header_pixels: int) -> None:

@@ -100,11 +100,22 @@ def test_walk_follows_symlinked_folder_once(tmp_path: Path):
     os.symlink(elsewhere, root / "linked")
     os.symlink(elsewhere / "e.jpg", root / "single.jpg")
     # The linked folder is walked; a second root that overlaps is not walked again.
+    # Paths are real paths: the file reached three ways is one path, yielded once.
     assert names(walk([root, elsewhere, root]), tmp_path) == [
-        "root/linked/e.jpg",
+        "elsewhere/e.jpg",
         "root/r.jpg",
-        "root/single.jpg",
     ]
+    assert names(walk([root / "single.jpg", root]), tmp_path) == ["elsewhere/e.jpg", "root/r.jpg"]
+
+
+def test_walk_yields_real_paths_under_a_symlinked_root(tmp_path: Path):
+    photo(tmp_path / "real" / "a.jpg")
+    photo(tmp_path / "real" / "sub" / "b.jpg")
+    os.symlink(tmp_path / "real", tmp_path / "alias")
+    expected = [tmp_path / "real" / "a.jpg", tmp_path / "real" / "sub" / "b.jpg"]
+    assert list(walk([tmp_path / "alias"])) == expected
+    assert list(walk([tmp_path / "alias", tmp_path / "real"])) == expected
+    assert list(walk([tmp_path / "alias" / "a.jpg"])) == expected[:1]
 
 
 def test_walk_explicit_files_absolute_and_deduplicated(tmp_path: Path, monkeypatch):
@@ -133,10 +144,10 @@ def test_walk_dot_dot_after_a_symlink_goes_to_the_parent_of_its_target(tmp_path:
     os.symlink(tmp_path / "real" / "inner", link)
     assert list(walk([link / ".."], recursive=False)) == [tmp_path / "real" / "sibling.jpg"]
     assert list(walk([link / ".." / "inner"])) == [tmp_path / "real" / "inner" / "in.jpg"]
-    # Only a link followed by `..` is resolved; the rest of a root stays as typed.
+    # What is walked is the real folder, so the paths are real paths.
     (tmp_path / "real" / "inner" / "sub").mkdir()
-    assert list(walk([link / "sub" / ".."])) == [link / "in.jpg"]
-    assert list(walk([link])) == [link / "in.jpg"]
+    assert list(walk([link / "sub" / ".."])) == [tmp_path / "real" / "inner" / "in.jpg"]
+    assert list(walk([link])) == [tmp_path / "real" / "inner" / "in.jpg"]
 
 
 def test_walk_yields_dangling_symlink_so_it_becomes_an_error_row(tmp_path: Path):
