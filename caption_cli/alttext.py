@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import html
+import os
 import re
 import secrets
 from collections.abc import Callable, Iterable
@@ -483,7 +484,9 @@ class StoreThenModel:
         found: dict[Path, str | Exception] = {}
         missing = []
         for path in paths:
-            row = self.store.get_image(str(path)) if self.store is not None else None
+            row = None
+            if self.store is not None:  # stored paths are real paths; older rows may be as typed
+                row = self.store.get_image(os.path.realpath(path)) or self.store.get_image(str(path))
             if row and row.get("status") == "ok" and row.get("caption") and _same_file(row, path):
                 found[path] = self._checked(row["caption"], row.get("confidence"))
                 self.from_store += 1

@@ -14,15 +14,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from caption_cli.confidence import passes
-from caption_cli.images import DecodedImage, decode_many, walk
+from caption_cli.images import DecodedImage, decode, decode_many, resolve_root, walk
+from caption_cli.prune import mark_missing
 from caption_cli.results import Caption, CaptionResult
+
+if TYPE_CHECKING:
+    from caption_cli.store import ReusedCaption
 
 
 class CaptionerLike(Protocol):
@@ -38,11 +43,16 @@ class StoreLike(Protocol):
     """What the pipeline needs from caption_cli.store.Store (or DryRunStore)."""
 
     def start_run(self, model_id: str, device: str, argv: Sequence[str]) -> int: ...
-    def finish_run(self, run_id: int, captioned: int, skipped: int, failed: int) -> None: ...
+    def finish_run(self, run_id: int, captioned: int, skipped: int, failed: int, reused: int = 0) -> None: ...
     def already_done(self, keys: Sequence[tuple], model_id: str) -> set[str]: ...
     def write_batch(self, results: Sequence[CaptionResult], model_id: str, run_id: int) -> None: ...
     def update_keys(self, keys: Sequence[tuple]) -> None: ...
     def stored_captions(self, paths: Sequence[Path], model_id: str) -> list[tuple]: ...
+    # Content reuse and missing files (optional: a store without them captions everything
+    # and marks nothing).
+    # def hash_lookup(self, model_id: str) -> Callable[[str], bool] | None
+    # def reusable_caption(self, content_hash: str, model_id: str) -> ReusedCaption | None
+    # def paths_under(self, folder) / set_missing(missing, found_again)
 
 
 def default_workers() -> int:
@@ -56,7 +66,9 @@ class AnnotateOptions:
     include_hidden: bool = False
     batch_size: int = 16
     workers: int = 2  # decoder processes; 0 decodes in this process
-    force: bool = False  # caption again even what the store already has
+    force: bool = False  # caption again even what the store already has (no skip, no reuse)
+    reuse: bool = True  # copy the stored caption of a file with the same bytes instead of captioning
+    mark_missing: bool = True  # after the walk, mark rows under the folders whose files are gone
     lookup_size: int = 256  # keys per resume query
     min_confidence: float = 0.0  # metadata only for captions at least this sure (confidence.passes)
 
@@ -69,9 +81,11 @@ class AnnotateOptions:
 
 @dataclass
 class Summary:
-    captioned: int = 0
+    captioned: int = 0  # by the model, in this run
+    reused: int = 0  # same bytes as a stored caption (moved, renamed, copied): copied, no model run
     skipped: int = 0
     failed: int = 0
+    missing: int = 0  # rows under the folders walked whose files are gone (caption-cli prune removes them)
     seconds: float = 0.0
     metadata_written: int = 0
     metadata_failed: int = 0
@@ -79,7 +93,9 @@ class Summary:
 
     @property
     def images_per_second(self) -> float:
-        return self.captioned / self.seconds if self.seconds > 0 else 0.0
+        """Files given a caption (by the model or reused) per second of the run."""
+        done = self.captioned + self.reused
+        return done / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def ok(self) -> bool:
@@ -130,7 +146,9 @@ def annotate(
     run_id = store.start_run(model_id, captioner.device, argv)
 
     def report(result: CaptionResult) -> None:
-        if result.status == "ok":
+        if result.reused:
+            summary.reused += 1
+        elif result.status == "ok":
             summary.captioned += 1
         else:
             summary.failed += 1
@@ -148,8 +166,13 @@ def annotate(
         # A folder that cannot be listed: reported and counted, but not a row.
         report(CaptionResult(path=path, size=0, mtime=0.0, status="error", error=message))
 
+    roots = list(roots)
+    known = None
+    if options.reuse and not options.force and hasattr(store, "hash_lookup"):
+        known = store.hash_lookup(model_id)
+    size = captioner.bundle.image_size
     batcher = _Batcher(captioner, store, model_id, run_id, report, metadata_writer, summary, on_metadata,
-                       options.min_confidence)
+                       options.min_confidence, size, reusing=known is not None)
     try:
         found = walk(roots, options.recursive, options.include_hidden, on_error=walk_error)
         todo = _unfinished(_keys(found), store, model_id, options, skipped)
@@ -160,16 +183,22 @@ def annotate(
                 in_flight.append(key)
                 yield key.path
 
-        size = captioner.bundle.image_size
-        for decoded in decode_many(paths(), size, options.workers):
+        decode_fn = decode if known is None else partial(decode, known=known)
+        for decoded in decode_many(paths(), size, options.workers, decode_fn=decode_fn):
             batcher.add(in_flight.popleft(), decoded)
             if batcher.ready(options.batch_size):
                 batcher.flush()
         batcher.flush()
         batcher.flush_skipped()
+        if options.mark_missing and hasattr(store, "paths_under"):
+            # Only after a complete walk: a run stopped half-way has not looked everywhere.
+            folders = [resolve_root(root) for root in roots]
+            summary.missing = mark_missing(store, [folder for folder in folders if folder.is_dir()])
     finally:
+        if known is not None and hasattr(known, "close"):
+            known.close()  # used in this process when workers == 0
         summary.seconds = time.monotonic() - started
-        store.finish_run(run_id, summary.captioned, summary.skipped, summary.failed)
+        store.finish_run(run_id, summary.captioned, summary.skipped, summary.failed, summary.reused)
     return summary
 
 
@@ -222,8 +251,12 @@ class _Batcher:
         summary: Summary,
         on_metadata: MetadataHandler | None,
         min_confidence: float = 0.0,
+        image_size: int = 0,
+        reusing: bool = False,
     ) -> None:
         self.captioner = captioner
+        self.image_size = image_size
+        self.reusing = reusing
         self.min_confidence = min_confidence
         self.store = store
         self.model_id = model_id
@@ -232,7 +265,7 @@ class _Batcher:
         self.metadata_writer = metadata_writer
         self.summary = summary
         self.on_metadata = on_metadata
-        self.items: list[tuple[_Key, DecodedImage]] = []
+        self.items: list[tuple[_Key, DecodedImage, ReusedCaption | None]] = []
         self.good = 0
         self.skipped: list[Path] = []  # already captioned; their metadata is still written
 
@@ -255,8 +288,15 @@ class _Batcher:
                              if self._publishable(confidence)])
 
     def add(self, key: _Key, decoded: DecodedImage) -> None:
-        self.items.append((key, decoded))
-        self.good += decoded.error is None
+        reused = None
+        if decoded.reusable:
+            # The worker found these bytes in the store; the row could have gone since
+            # (pruned by another process): then the file is decoded here after all.
+            reused = self.store.reusable_caption(decoded.content_hash, self.model_id)
+            if reused is None:
+                decoded = decode(key.path, self.image_size)
+        self.items.append((key, decoded, reused))
+        self.good += decoded.error is None and reused is None
 
     def ready(self, batch_size: int) -> bool:
         # Errors ride along with the next batch, but a long run of bad files
@@ -266,21 +306,40 @@ class _Batcher:
     def flush(self) -> None:
         if not self.items:
             return
-        good = [decoded.pixels for _, decoded in self.items if decoded.error is None]
-        captions = self.captioner.caption(np.stack(good)) if good else []
-        if len(captions) != len(good):
-            raise RuntimeError(f"the captioner returned {len(captions)} captions for {len(good)} images")
-        captions = iter(captions)
-        results = [
-            _result(key, decoded, None if decoded.error else next(captions))
-            for key, decoded in self.items
-        ]
+        # Each distinct content is captioned once: copies in one batch share the caption.
+        todo: dict[str | int, np.ndarray] = {}
+        for index, (_, decoded, reused) in enumerate(self.items):
+            if decoded.error is None and reused is None:
+                todo.setdefault(self._content_key(decoded, index), decoded.pixels)
+        captions = self.captioner.caption(np.stack(list(todo.values()))) if todo else []
+        if len(captions) != len(todo):
+            raise RuntimeError(f"the captioner returned {len(captions)} captions for {len(todo)} images")
+        by_content = dict(zip(todo, captions))
+        first_of: set[str | int] = set()
+        results = []
+        for index, (key, decoded, reused) in enumerate(self.items):
+            if reused is not None:
+                results.append(_reused_result(key, decoded, reused))
+            elif decoded.error is not None:
+                results.append(_result(key, decoded, None))
+            else:
+                content = self._content_key(decoded, index)
+                result = _result(key, decoded, by_content[content])
+                result.reused = content in first_of
+                first_of.add(content)
+                results.append(result)
         self.items, self.good = [], 0
         self.store.write_batch(results, self.model_id, self.run_id)
         if self.metadata_writer is not None:
             self._write_metadata([r for r in results if r.status == "ok"])
         for result in results:
             self.report(result)
+
+    def _content_key(self, decoded: DecodedImage, index: int) -> str | int:
+        """What makes two files the same content: their hash when reuse is on."""
+        if self.reusing and decoded.content_hash is not None:
+            return decoded.content_hash
+        return index
 
     def _write_metadata(self, results: list[CaptionResult]) -> None:
         from caption_cli.metadata import MetadataRequest  # only when asked for
@@ -332,4 +391,19 @@ def _result(key: _Key, decoded: DecodedImage, caption: Caption | None) -> Captio
         height=decoded.height,
         error=decoded.error,
         caption=caption,
+        content_hash=decoded.content_hash,
+    )
+
+
+def _reused_result(key: _Key, decoded: DecodedImage, reused: ReusedCaption) -> CaptionResult:
+    return CaptionResult(
+        path=key.path,
+        size=key.size,
+        mtime=key.mtime,
+        status="ok",
+        width=reused.width,
+        height=reused.height,
+        caption=reused.caption,
+        content_hash=decoded.content_hash,
+        reused=True,
     )

@@ -47,3 +47,5 @@ class CaptionResult:
     height: int | None = None
     error: str | None = None
     caption: Caption | None = None
+    content_hash: str | None = None  # of the file's bytes, when they could be read
+    reused: bool = False  # the caption was copied from a stored row with the same bytes

@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 from sqlite_utils import Database
 
 from caption_cli.errors import StoreError
-from caption_cli.results import CaptionResult
+from caption_cli.results import Alternative, Caption, CaptionResult
 
 DEFAULT_DB = Path("captions.db")
 DB_ENV = "CAPTION_CLI_DB"
@@ -120,6 +121,17 @@ def m005_confidence(db: Database) -> None:
     db["alternatives"].add_column("confidence", float)
 
 
+@migration
+def m006_content_reuse(db: Database) -> None:
+    # content_hash: a moved, renamed or copied photo reuses the caption of its bytes.
+    # missing_since: set when a run over the file's root no longer finds the file;
+    # `caption-cli prune` removes such rows (nothing on disk is ever deleted).
+    db["images"].add_column("content_hash", str)
+    db["images"].add_column("missing_since", str)
+    db["images"].create_index(["content_hash", "model_id"])
+    db["runs"].add_column("reused", int)
+
+
 # --------------------------------------------------------------------------- store
 
 
@@ -146,12 +158,46 @@ def _enable_wal(db: Database, tries: int = 100) -> None:
             time.sleep(0.05)
 
 
-class Store:
-    """One caption database file; open it once per process."""
+def _connect_read_only(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    """A read-only connection, whatever the folder allows.
 
-    def __init__(self, path: Path | str, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
-        self.path = Path(path)
+    mode=ro still needs the WAL's shared-memory file, which it cannot create in a
+    read-only folder (or when something else sits at that name): then immutable=1,
+    which reads the main file as it is. That is safe because a folder nobody can
+    create files in has no writer either (a writer needs the same files), and the
+    last writer's checkpoint on close left every committed row in the main file.
+    """
+    if not path.is_file():
+        raise sqlite3.OperationalError("no such file")
+    uri = path.resolve().as_uri()
+    error: sqlite3.Error | None = None
+    for query in ("?mode=ro", "?immutable=1"):
         try:
+            conn = sqlite3.connect(uri + query, uri=True, timeout=busy_timeout)
+            conn.execute("select count(*) from sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+class Store:
+    """One caption database file; open it once per process.
+
+    read_only=True is for commands that only read (search, show, report): no
+    migration, no WAL switch, and a database in a read-only folder, or one whose
+    WAL/shared-memory file cannot be created, still opens (see _connect_read_only).
+    Use Store.for_reading, which first upgrades an older database where it can.
+    """
+
+    def __init__(self, path: Path | str, busy_timeout: float = BUSY_TIMEOUT_S, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        try:
+            if read_only:
+                self.db = Database(_connect_read_only(self.path, busy_timeout))
+                return
             conn = sqlite3.connect(str(self.path), timeout=busy_timeout)
             self.db = Database(conn)
             self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -159,6 +205,28 @@ class Store:
             self._migrate()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot open the caption database: {exc}") from exc
+
+    @classmethod
+    def for_reading(cls, path: Path | str) -> Store:
+        """A read-only store with the current schema; an older database is upgraded
+        first when it is writable, and refused with the reason when it is not."""
+        store = cls(path, read_only=True)
+        try:
+            pending = {fn.__name__ for fn in MIGRATIONS} - store._applied_migrations()
+        except sqlite3.Error as exc:
+            store.close()
+            raise StoreError(f"{path}: not a caption database: {exc}") from exc
+        if not pending:
+            return store
+        store.close()
+        try:
+            cls(path).close()  # migrates
+        except StoreError as exc:
+            raise StoreError(
+                f"{path}: written by an older caption-cli and it cannot be upgraded here ({exc}); "
+                "open it once with a command that can write to it (e.g. caption-cli annotate) where it is writable"
+            ) from exc
+        return cls(path, read_only=True)
 
     # -- lifecycle
 
@@ -228,7 +296,7 @@ class Store:
             raise self._sql_error(exc) from exc
         return int(table.last_pk)
 
-    def finish_run(self, run_id: int, captioned: int, skipped: int, failed: int) -> None:
+    def finish_run(self, run_id: int, captioned: int, skipped: int, failed: int, reused: int = 0) -> None:
         try:
             with self._write():
                 self.db["runs"].update(
@@ -238,6 +306,7 @@ class Store:
                         "captioned": captioned,
                         "skipped": skipped,
                         "failed": failed,
+                        "reused": reused,
                     },
                 )
         except sqlite3.Error as exc:
@@ -261,6 +330,64 @@ class Store:
         what annotate --write-metadata writes for the files it skips as already done."""
         try:
             return _stored_captions(self.db.conn, paths, model_id)
+        except sqlite3.Error as exc:
+            raise self._sql_error(exc) from exc
+
+    # -- content reuse
+
+    def hash_lookup(self, model_id: str) -> HashLookup:
+        """A picklable "is there a caption for these bytes?" for the decode workers."""
+        return HashLookup(self.path, model_id)
+
+    def reusable_caption(self, content_hash: str, model_id: str) -> ReusedCaption | None:
+        """The stored caption, alternatives and attention of an OK row with these bytes."""
+        try:
+            return _reusable_caption(self.db.conn, content_hash, model_id)
+        except sqlite3.Error as exc:
+            raise self._sql_error(exc) from exc
+
+    # -- missing files and pruning
+
+    def paths_under(self, folder: Path | str, chunk: int = 1000) -> Iterator[list[tuple[int, str, str | None]]]:
+        """(id, path, missing_since) of the rows inside folder, in chunks (memory stays flat)."""
+        return _paths_under(self.db.conn, folder, chunk)
+
+    def set_missing(self, missing: Sequence[int], found_again: Sequence[int]) -> None:
+        """Mark rows whose files are gone (keeping the first time), unmark rows whose files are back."""
+        if not missing and not found_again:
+            return
+        try:
+            with self._write():
+                self.db.execute(
+                    "update images set missing_since = ? where missing_since is null"
+                    " and id in (select value from json_each(?))",
+                    [_now(), _json_list(missing)],
+                )
+                self.db.execute(
+                    "update images set missing_since = null where id in (select value from json_each(?))",
+                    [_json_list(found_again)],
+                )
+        except sqlite3.Error as exc:
+            raise self._sql_error(exc) from exc
+
+    def missing_rows(self) -> list[dict]:
+        """Rows marked missing, oldest mark first: what prune would remove."""
+        return list(self.db.query(
+            "select id, path, missing_since from images where missing_since is not null order by missing_since, path"
+        ))
+
+    def delete_rows(self, ids: Sequence[int]) -> None:
+        """Forget these rows, with their alternatives and attention, in one transaction."""
+        if not ids:
+            return
+        id_list = _json_list(ids)
+        try:
+            with self._write():
+                for table in ("alternatives", "attention"):
+                    self.db.execute(
+                        f"delete from {table} where image_id in (select value from json_each(?))", [id_list]
+                    )
+                self.db.execute("delete from images where id in (select value from json_each(?))", [id_list])
         except sqlite3.Error as exc:
             raise self._sql_error(exc) from exc
 
@@ -400,6 +527,104 @@ def _stored_captions(conn: sqlite3.Connection, paths: Sequence[Path | str], mode
     ).fetchall()
 
 
+def _paths_under(conn: sqlite3.Connection, folder: Path | str, chunk: int) -> Iterator[list[tuple]]:
+    """Rows whose path lies inside folder, as a range over the unique path index: paths
+    starting with "folder/" sort between "folder/" and "folder0" ("0" follows "/")."""
+    prefix = str(folder).rstrip("/") + "/"
+    last_path = prefix
+    while True:
+        rows = conn.execute(
+            "select id, path, missing_since from images where path > ? and path < ? order by path limit ?",
+            [last_path, prefix[:-1] + "0", chunk],
+        ).fetchall()
+        if not rows:
+            return
+        yield rows
+        last_path = rows[-1][1]
+
+
+@dataclass(frozen=True)
+class ReusedCaption:
+    """What another row with the same bytes says: copied, not computed again."""
+
+    caption: Caption
+    width: int | None
+    height: int | None
+
+
+def _reusable_caption(conn: sqlite3.Connection, content_hash: str, model_id: str) -> ReusedCaption | None:
+    """The newest OK row of this model with these bytes, present files before missing ones."""
+    row = conn.execute(
+        "select id, caption, score, confidence, width, height from images"
+        " where content_hash = ? and model_id = ? and status = 'ok'"
+        " order by missing_since is not null, captioned_at desc limit 1",
+        [content_hash, model_id],
+    ).fetchone()
+    if row is None:
+        return None
+    image_id, text, score, confidence, width, height = row
+    alternatives = [
+        Alternative(caption, alt_score, alt_confidence)
+        for caption, alt_score, alt_confidence in conn.execute(
+            "select caption, score, confidence from alternatives where image_id = ? order by rank", [image_id]
+        )
+    ]
+    attention = conn.execute(
+        "select word, grid_h, grid_w, weights from attention where image_id = ? order by position", [image_id]
+    ).fetchall()
+    words = [word for word, _, _, _ in attention]
+    if attention:
+        _, grid_h, grid_w, _ = attention[0]
+        weights = np.stack([np.frombuffer(blob, dtype=ATTENTION_DTYPE).reshape(h, w)
+                            for _, h, w, blob in attention]).astype(np.float32)
+    else:  # an empty caption has no words; keep the [0, h, w] shape the store expects
+        weights = np.zeros((0, 1, 1), dtype=np.float32)
+    caption = Caption(text=text, score=score, words=words, attention=weights,
+                      alternatives=alternatives, confidence=confidence)
+    return ReusedCaption(caption, width, height)
+
+
+class HashLookup:
+    """Whether the store has an OK caption by model_id for a content hash.
+
+    Handed (pickled) to the decode workers so they can skip decoding such a file;
+    each process opens one read-only connection per database and keeps it. Any
+    SQLite trouble answers False: the file is then decoded and captioned as usual.
+    """
+
+    def __init__(self, path: Path | str, model_id: str) -> None:
+        self.path = str(Path(path).resolve())
+        self.model_id = model_id
+
+    def __call__(self, content_hash: str) -> bool:
+        try:
+            conn = _lookup_connection(self.path)
+            return conn.execute(
+                "select 1 from images where content_hash = ? and model_id = ? and status = 'ok' limit 1",
+                [content_hash, self.model_id],
+            ).fetchone() is not None
+        except sqlite3.Error:
+            return False
+
+    def close(self) -> None:
+        """Close this process's connection (the decode workers' end with their process)."""
+        conn = _LOOKUP_CONNECTIONS.pop(self.path, None)
+        if conn is not None:
+            conn.close()
+
+
+_LOOKUP_CONNECTIONS: dict[str, sqlite3.Connection] = {}
+
+
+def _lookup_connection(path: str) -> sqlite3.Connection:
+    conn = _LOOKUP_CONNECTIONS.get(path)
+    if conn is None:
+        conn = sqlite3.connect(Path(path).as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
+                               check_same_thread=False)
+        _LOOKUP_CONNECTIONS[path] = conn
+    return conn
+
+
 def _image_row(result: CaptionResult, model_id: str, run_id: int, now: str) -> dict:
     caption = result.caption
     return {
@@ -416,6 +641,8 @@ def _image_row(result: CaptionResult, model_id: str, run_id: int, now: str) -> d
         "model_id": model_id,
         "captioned_at": now,
         "run_id": run_id,
+        "content_hash": result.content_hash,
+        "missing_since": None,  # written now, so it exists
     }
 
 
@@ -456,6 +683,7 @@ class DryRunStore:
 
     def __init__(self, path: Path | str | None) -> None:
         self._reader: sqlite3.Connection | None = None
+        self._path: Path | None = None
         if path is not None and Path(path).is_file():
             uri = Path(path).resolve().as_uri() + "?mode=ro"
             try:
@@ -463,6 +691,10 @@ class DryRunStore:
                 self._reader.execute("select 1 from images limit 1").fetchall()
             except sqlite3.Error:
                 self._reader = None  # not a caption database (yet): nothing is done
+            else:
+                columns = {row[1] for row in self._reader.execute("pragma table_info(images)")}
+                if "content_hash" in columns:  # written since content reuse exists
+                    self._path = Path(path)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -477,8 +709,20 @@ class DryRunStore:
     def start_run(self, model_id: str, device: str, argv: Sequence[str]) -> int:
         return 0
 
-    def finish_run(self, run_id: int, captioned: int, skipped: int, failed: int) -> None:
+    def finish_run(self, run_id: int, captioned: int, skipped: int, failed: int, reused: int = 0) -> None:
         pass
+
+    def hash_lookup(self, model_id: str) -> HashLookup | None:
+        return None if self._path is None else HashLookup(self._path, model_id)
+
+    def reusable_caption(self, content_hash: str, model_id: str) -> ReusedCaption | None:
+        return None if self._path is None else _reusable_caption(self._reader, content_hash, model_id)
+
+    def paths_under(self, folder: Path | str, chunk: int = 1000) -> Iterator[list[tuple]]:
+        return iter(()) if self._path is None else _paths_under(self._reader, folder, chunk)
+
+    def set_missing(self, missing: Sequence[int], found_again: Sequence[int]) -> None:
+        pass  # a dry run counts what it would mark
 
     def already_done(self, keys: Sequence[FileKey], model_id: str) -> set[str]:
         if self._reader is None:

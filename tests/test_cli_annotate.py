@@ -91,7 +91,7 @@ def test_annotate_all_good_exit_0(fake, photos: Path, db: Path):
     result = run("annotate", photos, "--db", db, "--workers", "0")
     assert result.exit_code == 0, result.output
     assert result.stderr == ""
-    assert result.stdout.startswith("Captioned 3, skipped 0, failed 0 in ")
+    assert result.stdout.startswith("Captioned 3, reused 0, skipped 0, failed 0 in ")
     assert result.stdout.rstrip().endswith("on cpu.")
     assert [(Path(p).name, s, c) for p, s, c, _ in rows(db)] == [
         ("p001.png", "ok", "a green square"),
@@ -111,7 +111,7 @@ def test_annotate_bad_files_one_line_each_exit_1(fake, tmp_path: Path, db: Path)
         f"{tmp_path / 'photos' / 'empty.jpg'}: empty file (0 bytes)",
         f"{tmp_path / 'photos' / 'notes.JPG'}: not a supported image (content is not JPEG/PNG/WEBP/HEIF/TIFF/BMP/GIF)",
     ]
-    assert "Captioned 4, skipped 0, failed 2" in result.stdout
+    assert "Captioned 4, reused 0, skipped 0, failed 2" in result.stdout
     assert sorted(s for _, s, _, _ in rows(db)) == ["error", "error", "ok", "ok", "ok", "ok"]
 
 
@@ -180,7 +180,7 @@ def test_annotate_json_streams_one_object_per_image(fake, photos: Path, db: Path
     for o in objects:
         assert {"path", "status", "caption", "score", "error"} <= set(o)
         assert (o["score"] == -0.5) == (o["status"] == "ok")
-    assert "Captioned 3, skipped 0, failed 1" in result.stderr  # the summary stays off stdout
+    assert "Captioned 3, reused 0, skipped 0, failed 1" in result.stderr  # the summary stays off stdout
 
     again = run("annotate", photos, "--db", db, "--workers", "0", "--json")
     statuses = sorted(json.loads(line)["status"] for line in again.stdout.splitlines())
@@ -193,7 +193,7 @@ def test_non_utf8_name_is_one_printable_line_in_text_mode(fake, photos: Path, db
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()
     assert line.startswith(f"{photos / LATIN1_SHOWN}: ") and "UTF-8" in line
-    assert "Captioned 3, skipped 0, failed 1" in result.stdout
+    assert "Captioned 3, reused 0, skipped 0, failed 1" in result.stdout
 
 
 def test_non_utf8_name_keeps_json_output_valid_utf8(launcher: Path, photos: Path, db: Path):
@@ -267,7 +267,7 @@ def test_captioning_does_not_wait_for_the_count_behind_the_bar(photos: Path, db:
 
     monkeypatch.setattr(commands, "_count", slow_count)
     result = run("annotate", photos, "--db", db, "--workers", "0")
-    assert result.exit_code == 0 and result.stdout.startswith("Captioned 3, skipped 0, failed 0")
+    assert result.exit_code == 0 and result.stdout.startswith("Captioned 3, reused 0, skipped 0, failed 0")
     for _ in range(100):  # the count thread returns once captioning has started
         if count_saw_captioning:
             break
@@ -291,17 +291,17 @@ def test_reporter_console_never_reads_emoji_or_markup():
 def test_resume_force_and_options_reach_the_captioner(fake, photos: Path, db: Path):
     assert run("annotate", photos, "--db", db, "--workers", "0").exit_code == 0
     again = run("annotate", photos, "--db", db, "--workers", "0")
-    assert again.exit_code == 0 and again.stdout.startswith("Captioned 0, skipped 3, failed 0")
+    assert again.exit_code == 0 and again.stdout.startswith("Captioned 0, reused 0, skipped 3, failed 0")
     assert "--force" not in again.stderr  # same options: nothing to hint at
     other_options = run("annotate", photos, "--db", db, "--workers", "0", "--beam", "5")
-    assert other_options.exit_code == 0 and other_options.stdout.startswith("Captioned 0, skipped 3")
+    assert other_options.exit_code == 0 and other_options.stdout.startswith("Captioned 0, reused 0, skipped 3")
     assert "3 file(s) were already captioned by this model" in other_options.stderr
     assert "add --force" in other_options.stderr
     forced = run(
         "annotate", photos, "--db", db, "--workers", "0", "--force",
         "--device", "cpu", "--beam", "5", "--alternatives", "2", "--batch-size", "2",
     )
-    assert forced.exit_code == 0 and forced.stdout.startswith("Captioned 3, skipped 0, failed 0")
+    assert forced.exit_code == 0 and forced.stdout.startswith("Captioned 3, reused 0, skipped 0, failed 0")
     assert fake[-1] == {"model": None, "device": "cpu", "beam": 5, "alternatives": 2}
     assert len(rows(db)) == 3 and rows(db, "select count(*) from alternatives") == [(6,)]
 
@@ -351,7 +351,7 @@ def test_write_metadata_in_place_then_resume_skips(fake, tmp_path: Path, db: Pat
     ).stdout.strip()
     assert described == "a red square"
     again = run("annotate", folder, "--db", db, "--workers", "0")
-    assert again.stdout.startswith("Captioned 0, skipped 2, failed 0")  # new size/mtime stored
+    assert again.stdout.startswith("Captioned 0, reused 0, skipped 2, failed 0")  # new size/mtime stored
 
 
 def test_write_metadata_holds_back_captions_below_min_confidence(fake, tmp_path: Path, db: Path):
@@ -541,7 +541,7 @@ def test_sigkill_then_resume_captions_every_image_exactly_once(launcher: Path, t
 
     resumed = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.startswith(f"Captioned {24 - done_before}, skipped {done_before}, failed 0")
+    assert resumed.stdout.startswith(f"Captioned {24 - done_before}, reused 0, skipped {done_before}, failed 0")
     assert rows(db, "select count(*), count(distinct path) from images") == [(24, 24)]
     assert {Path(p): c for p, _, c, _ in rows(db)} == expected
     assert rows(db, "select count(*) from alternatives") == [(48,)]
@@ -636,5 +636,5 @@ def test_runtime_works_without_torch_or_onnx(tiny_bundle: Path, photos: Path, tm
         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("Captioned 3, skipped 0, failed 0")
+    assert result.stdout.startswith("Captioned 3, reused 0, skipped 0, failed 0")
     assert len(rows(db)) == 3

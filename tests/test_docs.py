@@ -15,8 +15,8 @@ COMMANDS = sorted(typer.main.get_command(app).commands)
 
 
 def test_all_commands_are_listed() -> None:
-    assert COMMANDS == ["alt-text", "annotate", "calibrate", "evaluate", "export", "info", "report", "search",
-                        "show", "train", "write-metadata"]
+    assert COMMANDS == ["alt-text", "annotate", "calibrate", "evaluate", "export", "info", "prune", "report",
+                        "search", "show", "train", "write-metadata"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

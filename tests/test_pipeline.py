@@ -143,17 +143,20 @@ def test_annotate_with_worker_processes(tmp_path: Path, store: Store):
 def test_second_run_skips_unchanged_files_and_retries_failures(tmp_path: Path, store: Store):
     expected = make_photos(tmp_path, 6, bad=(5,))
     annotate([tmp_path], FakeCaptioner(), store, options())
-    changed = tmp_path / "b" / "p002.png"
-    os.utime(changed, (1_000_000, 1_000_000))  # touched: must be captioned again
+    touched = tmp_path / "b" / "p002.png"
+    os.utime(touched, (1_000_000, 1_000_000))  # same bytes: looked at again, caption reused
+    changed = tmp_path / "b" / "p000.png"
+    Image.new("RGB", (20, 16), COLOURS["blue"]).save(changed)  # new bytes: captioned again
+    expected[changed] = "a blue square"
     captioner = FakeCaptioner()
     skipped: list[Path] = []
 
     summary = annotate([tmp_path], captioner, store, options(), on_skip=skipped.append)
 
-    assert (summary.captioned, summary.skipped, summary.failed) == (1, 4, 1)
+    assert (summary.captioned, summary.reused, summary.skipped, summary.failed) == (1, 1, 3, 1)
     assert captioner.batches == [1]
-    assert changed not in skipped and len(skipped) == 4
-    assert store.get_image(changed)["mtime"] == 1_000_000
+    assert touched not in skipped and changed not in skipped and len(skipped) == 3
+    assert store.get_image(touched)["mtime"] == 1_000_000
     assert stored(store) == expected
 
 

@@ -166,11 +166,22 @@ def _open_store(db: Path) -> Any:
         _fail(str(exc))
 
 
-def _existing_store(db: Path) -> Any:
-    """Open a database that must already exist (search, show)."""
+def _existing_store_path(db: Path) -> None:
+    """A usage error unless the database exists (commands that only use what is stored)."""
     if not db.is_file():
         _usage_error(f"no caption database at {db} (run caption-cli annotate first)", "--db")
-    return _open_store(db)
+
+
+def _existing_store(db: Path) -> Any:
+    """Open a database that must already exist, for reading (search, show): it may sit
+    in a read-only folder, an archive's copy on a DVD or a share mounted read-only."""
+    from caption_cli.store import Store
+
+    _existing_store_path(db)
+    try:
+        return Store.for_reading(db)
+    except CaptionCliError as exc:
+        _fail(str(exc))
 
 
 # ------------------------------------------------------------------------ annotate
@@ -257,6 +268,7 @@ class _Reporter:
                 {
                     "path": result.path,
                     "status": result.status,
+                    "reused": result.reused,
                     "caption": caption.text if caption else None,
                     "score": caption.score if caption else None,
                     "confidence": caption.confidence if caption else None,
@@ -375,21 +387,30 @@ def annotate(
         except CaptionCliError as exc:
             _fail(str(exc))
 
-    line = (
-        f"Captioned {summary.captioned}, skipped {summary.skipped}, failed {summary.failed}"
-        f" in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s) on {captioner.device}"
-    )
-    if write_metadata is not None:
-        line += (f"; metadata written {summary.metadata_written}, held back {summary.metadata_held_back}"
-                 f" (confidence below {min_confidence:.2f}), failed {summary.metadata_failed}")
-    if dry_run:
-        line += " (dry run: nothing was written)"
-    typer.echo(line + ".", err=as_json)
-    if summary.skipped and not force and (beam is not None or alternatives is not None):
-        typer.echo(f"{summary.skipped} file(s) were already captioned by this model and kept their captions; "
-                   "add --force to caption them again with these search options.", err=True)
+    typer.echo(_summary_line(summary, captioner.device, write_metadata is not None, min_confidence, dry_run),
+               err=as_json)
+    kept = summary.skipped + summary.reused
+    if kept and not force and (beam is not None or alternatives is not None):
+        typer.echo(f"{kept} file(s) were already captioned by this model (or are copies of such files) and "
+                   "kept their captions; add --force to caption them again with these search options.", err=True)
     if not summary.ok:
         raise typer.Exit(1)
+
+
+def _summary_line(summary: Any, device: str, metadata: bool, min_confidence: float, dry_run: bool) -> str:
+    """The one line every annotate (and every watch batch) ends with."""
+    line = (
+        f"Captioned {summary.captioned}, reused {summary.reused}, skipped {summary.skipped}, "
+        f"failed {summary.failed} in {summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s) on {device}"
+    )
+    if metadata:
+        line += (f"; metadata written {summary.metadata_written}, held back {summary.metadata_held_back}"
+                 f" (confidence below {min_confidence:.2f}), failed {summary.metadata_failed}")
+    if summary.missing:
+        line += f"; {summary.missing} stored file(s) no longer exist (caption-cli prune forgets them)"
+    if dry_run:
+        line += " (dry run: nothing was written)"
+    return line + "."
 
 
 def _check_search_options(beam: int | None, alternatives: int | None) -> None:
@@ -530,10 +551,13 @@ def show(
         _usage_error(f"folder {heatmap.parent} does not exist", "--heatmap")
     store = _existing_store(db)
     with store:
+        from caption_cli.images import resolve_root
+
         lookup = os.path.abspath(path)
         if not _encodes_as_utf8(lookup):  # annotate refuses such names, so none is stored
             _fail(f"{path}: file name is not valid UTF-8, so it is not in {db} (rename it and annotate it)")
-        row = store.get_image(lookup)
+        # Stored paths are real paths (one file, one row); rows written before that are as typed.
+        row = store.get_image(str(resolve_root(path))) or store.get_image(lookup)
         if row is None:
             _fail(f"{path}: not in {db} (run caption-cli annotate on it first)")
         alternatives = store.alternatives(row["id"])
@@ -556,6 +580,9 @@ def show(
         raise typer.Exit(1)
     typer.echo(f"  caption: {row['caption']}  (score {row['score']:.3f}, {_confidence_text(row)})")
     typer.echo(f"  model: {row['model_id']}, captioned {row['captioned_at']}, {row['width']}x{row['height']} px")
+    if row.get("missing_since"):
+        typer.echo(f"  missing: the file was gone when its folder was annotated on {row['missing_since']}"
+                   " (caption-cli prune forgets it)")
     if alternatives:
         typer.echo("  alternatives:")
         for alt in alternatives:

@@ -66,7 +66,7 @@ def report(
         )
     err = Console(stderr=True)
     try:
-        with Store(db) as store, _progress(err) as progress:
+        with Store.for_reading(db) as store, _progress(err) as progress:
             task = progress.add_task("Thumbnails", total=None)
             summary = build_report(
                 store,
@@ -217,7 +217,7 @@ def _open_store_if_present(db: Path) -> object | None:
     from caption_cli.store import Store
 
     try:
-        return Store(db)
+        return Store.for_reading(db)
     except CaptionCliError as error:
         raise typer.BadParameter(str(error), param_hint="--db") from error
 
