@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from caption_cli.commands import annotate, calibrate, metadata, prune, report, training
+from caption_cli.commands import annotate, calibrate, metadata, prune, report, training, watch
 
 app = typer.Typer(
     name="caption-cli",
@@ -16,7 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for area in (annotate, metadata, report, prune, training, calibrate):
+for area in (annotate, watch, metadata, report, prune, training, calibrate):
     area.register(app)
 
 

@@ -16,7 +16,7 @@ COMMANDS = sorted(typer.main.get_command(app).commands)
 
 def test_all_commands_are_listed() -> None:
     assert COMMANDS == ["alt-text", "annotate", "calibrate", "evaluate", "export", "info", "prune", "report",
-                        "search", "show", "train", "write-metadata"]
+                        "search", "show", "train", "watch", "write-metadata"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
