@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from caption_cli.confidence import passes
-from caption_cli.images import DecodedImage, decode, decode_many, resolve_root, walk
+from caption_cli.images import DecodedImage, content_hash, decode, decode_many, resolve_root, walk
 from caption_cli.prune import mark_missing
 from caption_cli.results import Caption, CaptionResult
 
@@ -227,11 +227,25 @@ def _unfinished(
         done = set() if options.force else store.already_done(
             [(key.path, key.size, key.mtime) for key in chunk], model_id
         )
+        if done and options.reuse and hasattr(store, "unhashed"):
+            _backfill_hashes(store, store.unhashed(sorted(done)))
         for key in chunk:
             if str(key.path) in done:
                 on_skip(key.path)
             else:
                 yield key
+
+
+def _backfill_hashes(store: StoreLike, paths: Sequence[str]) -> None:
+    """Rows stored before content reuse existed get their hash the first time a run skips
+    them, so copies of those photos are reused too. A read and a hash per file, once."""
+    hashes = []
+    for path in paths:
+        try:
+            hashes.append((path, content_hash(Path(path).read_bytes())))
+        except OSError:
+            continue  # unreadable now: it keeps no hash, and the next run tries again
+    store.set_hashes(hashes)
 
 
 SKIPPED_METADATA_CHUNK = 64  # skipped files whose stored captions go to the writer at once

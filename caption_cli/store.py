@@ -346,6 +346,29 @@ class Store:
         except sqlite3.Error as exc:
             raise self._sql_error(exc) from exc
 
+    def unhashed(self, paths: Sequence[Path | str]) -> list[str]:
+        """Those of paths whose rows have no content hash (written before content reuse)."""
+        if not paths:
+            return []
+        rows = self.db.execute(
+            "select path from images where content_hash is null and path in (select value from json_each(?))",
+            [_json_list(paths)],
+        ).fetchall()
+        return [path for (path,) in rows]
+
+    def set_hashes(self, hashes: Sequence[tuple[str, str]]) -> None:
+        """Fill in content hashes of (path, hash) for rows that have none."""
+        if not hashes:
+            return
+        try:
+            with self._write():
+                self.db.conn.executemany(
+                    "update images set content_hash = ? where path = ? and content_hash is null",
+                    [(digest, str(path)) for path, digest in hashes],
+                )
+        except sqlite3.Error as exc:
+            raise self._sql_error(exc) from exc
+
     # -- missing files and pruning
 
     def paths_under(self, folder: Path | str, chunk: int = 1000) -> Iterator[list[tuple[int, str, str | None]]]:

@@ -188,3 +188,16 @@ def test_the_hash_is_of_the_bytes(tmp_path: Path, store: Store):
     for path, row in rows(store).items():
         assert row["content_hash"] == xxhash.xxh3_128_hexdigest(Path(path).read_bytes())
     assert np.unique([row["content_hash"] for row in rows(store).values()]).size == 2
+
+
+def test_rows_from_before_content_reuse_get_their_hash_when_skipped(tmp_path: Path, store: Store):
+    make_photos(tmp_path / "photos", 3)
+    annotate([tmp_path / "photos"], FakeCaptioner(), store, options())
+    store.db.execute("update images set content_hash = null")  # as an older caption-cli wrote them
+    store.db.conn.commit()
+    annotate([tmp_path / "photos"], FakeCaptioner(), store, options())  # skips all, fills the hashes
+    assert all(row["content_hash"] for row in rows(store).values())
+    shutil.copytree(tmp_path / "photos", tmp_path / "copy")
+    captioner = FakeCaptioner()
+    summary = annotate([tmp_path / "copy"], captioner, store, options())
+    assert (summary.reused, captioner.batches) == (3, [])
