@@ -15,6 +15,7 @@ from training.prepare import coco, mirror
 from training.prepare.images import BadImage, check_jpeg
 
 LFS = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"
+BIG_LFS = LFS + b"x" * 5000  # a pointer larger than the real copy elsewhere: tried first, rejected, then the next copy
 
 
 def jpeg(size: tuple[int, int] = (32, 24), color: str = "red") -> bytes:
@@ -23,8 +24,11 @@ def jpeg(size: tuple[int, int] = (32, 24), color: str = "red") -> bytes:
     return buffer.getvalue()
 
 
-def bare_mirror(mirrors: Path, repo: str, files: dict[str, bytes]) -> Path:
-    """A bare git repo at mirrors/owner+name/repo holding `files`, like the search tool's fetch."""
+def bare_mirror(mirrors: Path, repo: str, files: dict[str, bytes], deleted_later: tuple[str, ...] = ()) -> Path:
+    """A bare git repo at mirrors/owner+name/repo holding `files`, like the search tool's fetch.
+
+    Paths in `deleted_later` are removed again in a second commit: only the history has them.
+    """
     work = mirrors.parent / "work" / repo.replace("/", "+")
     for path, data in files.items():
         (work / path).parent.mkdir(parents=True, exist_ok=True)
@@ -33,6 +37,9 @@ def bare_mirror(mirrors: Path, repo: str, files: dict[str, bytes]) -> Path:
     subprocess.run(["git", "init", "-q", str(work)], check=True)
     subprocess.run(git + ["add", "-A"], check=True)
     subprocess.run(git + ["commit", "-qm", "data"], check=True)
+    if deleted_later:
+        subprocess.run(git + ["rm", "-q", *deleted_later], check=True)
+        subprocess.run(git + ["commit", "-qm", "remove the data"], check=True)
     target = mirrors / repo.replace("/", "+") / "repo"
     subprocess.run(["git", "clone", "-q", "--bare", str(work), str(target)], check=True)
     return target
@@ -62,7 +69,7 @@ def mirrors(tmp_path: Path) -> Path:
         lists.format("test"): f"{name(1)} 1\n{name(2)} 2\n".encode(),
     })
     bare_mirror(root, "someone/images", {
-        name(1): jpeg(), name(2): LFS,  # id 2: an LFS pointer, rejected
+        name(1): jpeg(), name(2): BIG_LFS,  # id 2: an LFS pointer, rejected; zz/images has it
         "train2017/000000000003.jpg": jpeg((1000, 500), "green"),  # larger than max side: downscaled
         name(4, "train2014"): b"<html>not found</html>",  # not a JPEG, rejected
         "results/000000000005.jpg": jpeg(),  # a bare id outside a COCO folder: not taken as COCO
@@ -144,3 +151,28 @@ def test_mirror_lists_and_reads_blobs(tmp_path: Path) -> None:
 def test_check_jpeg_rejects_a_truncated_file() -> None:
     with pytest.raises(BadImage, match="JPEG does not decode"):
         check_jpeg(jpeg((64, 64))[:200])
+
+
+def test_images_deleted_later_come_from_history_and_the_largest_copy_wins(tmp_path: Path) -> None:
+    root = tmp_path / "mirrors"
+    albef = [{"image": name(i), "caption": [f"Picture {i}."]} for i in (1, 2, 3)]
+    bare_mirror(root, "data-ming-and-application/CVLR-RD", {"data/coco_test.json": json.dumps(albef).encode()})
+    small = bare_mirror(root, "aa/resized", {
+        "data/resized2014/COCO_val2014_000000000001.jpg": jpeg((16, 16), "blue"),
+        "data/resized2014/COCO_val2014_000000000002.jpg": jpeg((16, 16), "blue"),
+        "data/resized2014/COCO_val2014_000000000003.jpg": jpeg((16, 16), "blue"),
+    }, deleted_later=tuple(f"data/resized2014/COCO_val2014_00000000000{i}.jpg" for i in (1, 2)))
+    bare_mirror(root, "zz/originals", {name(2): jpeg((400, 300), "green")})
+    assert [path for path, _ in mirror.list_files(small)] == ["data/resized2014/COCO_val2014_000000000003.jpg"]
+    assert len(mirror.history_files(small)) == 3
+
+    out = tmp_path / "coco"
+    summary = coco.prepare(root, out)
+
+    assert summary["on_disk"] == {"train": 3, "val": 0, "test": 0} and summary["bad_blobs"] == []  # no split lists
+    assert Image.open(out / "images/000000000002.jpg").size == (400, 300)  # the original, not the 16 px copy
+    provenance = json.loads((out / "provenance.json").read_text())["images"]
+    first_commit = mirror.head_commit(small, "HEAD~1")
+    assert provenance["1"] == f"aa/resized@{first_commit}:data/resized2014/COCO_val2014_000000000001.jpg"
+    assert provenance["3"] == f"aa/resized@{mirror.head_commit(small)}:data/resized2014/COCO_val2014_000000000003.jpg"
+    assert provenance["2"].startswith("zz/originals@")

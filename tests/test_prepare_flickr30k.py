@@ -134,3 +134,19 @@ def test_line_count_mismatch_names_the_file(tmp_path: Path, capsys) -> None:
     assert code == 1
     err = capsys.readouterr().err
     assert "data/task2/raw/val.3.en.gz has 2 lines, data/task2/image_splits/val_images.txt has 1" in err
+
+
+def test_images_deleted_from_the_mirror_later_still_come_from_its_history(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "mirrors"
+    make_mirror(root, "multi30k+dataset", multi30k_files())
+    repo = make_mirror(root, "gone+f30k", {"flickr30k_images/21.jpg": jpeg((5, 5, 5)), "README.md": b"x"})
+    work = root / "gone+f30k.work"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", f"--git-dir={repo}", f"--work-tree={work}"]
+    subprocess.run([*git, "rm", "-q", "flickr30k_images/21.jpg"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "remove the images"], check=True)
+
+    code = flickr30k.main(["--mirrors", str(root), "--out", str(tmp_path / "out"),
+                           "--image-source", "gone+f30k:flickr30k_images"])
+    assert code == 0
+    assert (tmp_path / "out/images/21.jpg").read_bytes() == jpeg((5, 5, 5))
+    assert "images: 1 written, 0 already there, 0 bad blobs, 3 in no mirror" in capsys.readouterr().err

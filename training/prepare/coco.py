@@ -5,8 +5,11 @@
 Why this shape: no single public mirror holds COCO (a snapshot lacks files of 4 MiB and
 more, so `dataset_coco.json` and the full caption files never come through). The human
 captions come in pieces (`CAPTION_SOURCES`), the Karpathy val/test membership from id
-lists (`SPLIT_LISTS`), and the images from any mirror whose paths carry COCO file names.
-Everything captioned that is not Karpathy val or test is train (Karpathy's train + restval).
+lists (`SPLIT_LISTS`), and the images from any mirror whose paths carry COCO file names,
+in any commit of its history (repositories often commit a data folder and delete it later).
+When several mirrors hold the same picture the largest blob wins (an original beats a
+256 px copy). Everything captioned that is not Karpathy val or test is train (Karpathy's
+train + restval).
 
 Output: `images/<12-digit COCO id>.jpg` (one flat folder; 2014 and 2017 names of the same
 picture map to one file), `dataset_coco.json` (only images on disk), `provenance.json`
@@ -182,47 +185,63 @@ def image_name(image_id: int) -> str:
     return f"{image_id:012d}.jpg"
 
 
-def image_candidates(mirrors: list[tuple[str, Path]], wanted: set[int]) -> dict[str, list[tuple[int, str]]]:
-    """owner/name -> [(id, path)] of the wanted COCO pictures each mirror holds (first path per id and mirror)."""
-    found: dict[str, list[tuple[int, str]]] = {}
+Copies = dict[int, list[tuple[str, mirror.HistoryFile]]]  # COCO id -> [(owner/name, file)]
+
+
+def image_candidates(mirrors: list[tuple[str, Path]], wanted: set[int]) -> Copies:
+    """COCO id -> [(owner/name, file)] of every copy the mirrors hold, in any commit, largest blob first.
+
+    A mirror's files come from its whole history (a data folder committed and deleted later
+    still counts). The largest blob first: a full-size original beats a 256 px copy of it.
+    """
+    found: Copies = {}
     for repo, git_dir in mirrors:
         seen: set[int] = set()
-        for path, _size in mirror.list_files(git_dir):
-            match = IMAGE_PATH.search(path)
+        for item in mirror.history_files(git_dir):
+            match = IMAGE_PATH.search(item.path)
             if match and (image_id := int(match["id"])) in wanted and image_id not in seen:
                 seen.add(image_id)
-                found.setdefault(repo, []).append((image_id, path))
+                found.setdefault(image_id, []).append((repo, item))
+    for copies in found.values():
+        copies.sort(key=lambda copy: -copy[1].size)  # stable: equal sizes keep the mirrors' name order
     return found
 
 
 def copy_images(
     mirrors: list[tuple[str, Path]], wanted: set[int], folder: Path, max_side: int, provenance: dict[str, str]
 ) -> list[str]:
-    """Write each wanted image not yet in `folder` from the first mirror with a good copy; return the error lines."""
+    """Write each wanted image not yet in `folder` from its best good copy (image_candidates); return error lines."""
     folder.mkdir(parents=True, exist_ok=True)
     todo = {i for i in wanted if not (folder / image_name(i)).is_file()}
     candidates = image_candidates(mirrors, todo)
     errors: list[str] = []
     git_dirs = dict(mirrors)
     with Progress(transient=True) as progress:
-        task = progress.add_task("images", total=len({i for pairs in candidates.values() for i, _ in pairs}))
-        for repo, pairs in candidates.items():
-            pairs = [(i, path) for i, path in pairs if i in todo]
-            commit = mirror.head_commit(git_dirs[repo])
-            paths = dict((path, i) for i, path in pairs)
-            for path, data in mirror.read_blobs(git_dirs[repo], list(paths)):
-                image_id = paths[path]
-                try:
-                    if data is None:
-                        raise BadImage("listed but not readable from the mirror")
-                    write_image(data, folder / image_name(image_id), max_side)
-                except BadImage as error:
-                    errors.append(f"{repo}:{path}: {error}")
-                    print(f"skipped {repo}:{path}: {error}", file=sys.stderr)
-                    continue
-                todo.discard(image_id)
-                provenance[str(image_id)] = f"{repo}@{commit}:{path}"
-                progress.advance(task)
+        task = progress.add_task("images", total=len(candidates))
+        rank = 0
+        while True:  # round k tries the k-th best copy of every image still missing
+            batch: dict[str, list[tuple[int, mirror.HistoryFile]]] = {}
+            for image_id, copies in candidates.items():
+                if image_id in todo and rank < len(copies):
+                    repo, item = copies[rank]
+                    batch.setdefault(repo, []).append((image_id, item))
+            if not batch:
+                break
+            for repo, pairs in sorted(batch.items()):
+                blobs = mirror.read_objects(git_dirs[repo], [item.blob for _, item in pairs])
+                for (image_id, item), data in zip(pairs, blobs):
+                    try:
+                        if data is None:
+                            raise BadImage("listed but not readable from the mirror")
+                        write_image(data, folder / image_name(image_id), max_side)
+                    except BadImage as error:
+                        errors.append(f"{repo}:{item.path}: {error}")
+                        print(f"skipped {repo}:{item.path}: {error}", file=sys.stderr)
+                        continue
+                    todo.discard(image_id)
+                    provenance[str(image_id)] = f"{repo}@{item.commit}:{item.path}"
+                    progress.advance(task)
+            rank += 1
     return errors
 
 
@@ -252,11 +271,24 @@ def split_counts(ids: Iterable[int], splits: dict[int, str]) -> dict[str, int]:
 
 def size_range(folder: Path, ids: Iterable[int]) -> tuple[int, int]:
     """(smallest, largest) longer side in pixels of the images on disk (headers only, no decoding)."""
-    sides = []
+    sides = [max(size) for size in image_sizes(folder, ids)]
+    return (min(sides), max(sides)) if sides else (0, 0)
+
+
+def image_sizes(folder: Path, ids: Iterable[int]) -> list[tuple[int, int]]:
+    sizes = []
     for image_id in ids:
         with Image.open(folder / image_name(image_id)) as image:
-            sides.append(max(image.size))
-    return (min(sides), max(sides)) if sides else (0, 0)
+            sizes.append(image.size)
+    return sizes
+
+
+def squashed_count(folder: Path, ids: Iterable[int]) -> int:
+    """Images that are exactly square and at most 256 px: copies a repository resized without keeping the aspect.
+
+    (A COCO original is almost never square; the model squares every photo itself, so these are usable.)
+    """
+    return sum(1 for w, h in image_sizes(folder, ids) if w == h <= 256)
 
 
 # ---------------------------------------------------------------- run
@@ -306,6 +338,7 @@ def prepare(mirrors: Path, out: Path, max_side: int = MAX_SIDE) -> dict:
         "on_disk": split_counts(on_disk, splits),
         "captions_on_disk": sum(len(captions[i]) for i in on_disk),
         "longer_side_px": size_range(out / "images", on_disk),
+        "squashed_to_square": squashed_count(out / "images", on_disk),
         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
         "bad_blobs": errors,
     }
@@ -319,7 +352,10 @@ def prepare(mirrors: Path, out: Path, max_side: int = MAX_SIDE) -> dict:
 def readme(sources: list[dict], images: dict[str, str], summary: dict) -> str:
     """The data folder's README: provenance, licence, changes, counts, checksum."""
     image_repos = Counter(value.split("@", 1)[0] for value in images.values())
-    image_commits = {value.split("@", 1)[0]: value.split("@", 1)[1].split(":", 1)[0] for value in images.values()}
+    image_commits: dict[str, set[str]] = {}
+    for value in images.values():
+        repo, rest = value.split("@", 1)
+        image_commits.setdefault(repo, set()).add(rest.split(":", 1)[0])
     lines = [
         "# MS-COCO captions (Karpathy split), partial, rebuilt from public GitHub mirrors",
         "",
@@ -339,14 +375,17 @@ def readme(sources: list[dict], images: dict[str, str], summary: dict) -> str:
     lines += [f"| {s['repo']} | {s['commit'][:12]} | {s['path']} | {s['what']} | {s['images']} | {s['captions']} |"
               for s in sources]
     lines += ["", "## Image sources (full repo@commit:path per image in provenance.json)",
-              "| repo | commit | images |", "| --- | --- | --- |"]
-    lines += [f"| {repo} | {image_commits[repo][:12]} | {count} |" for repo, count in image_repos.most_common()]
+              "| repo | commit(s) | images |", "| --- | --- | --- |"]
+    lines += [f"| {repo} | {', '.join(sorted(c[:12] for c in image_commits[repo]))} | {count} |"
+              for repo, count in image_repos.most_common()]
     captioned, disk = summary["captioned"], summary["on_disk"]
     lines += [
         "", "## What was changed",
         "- Images: renamed to `<12-digit COCO id>.jpg`; bytes kept as they are unless a side exceeded",
         f"  {MAX_SIDE} px (then downscaled, JPEG q90). Longer side on disk: {summary['longer_side_px'][0]}-"
-        f"{summary['longer_side_px'][1]} px.",
+        f"{summary['longer_side_px'][1]} px. {summary.get('squashed_to_square', 0)} of them are square copies of at",
+        "  most 256 px that a source repository resized without keeping the aspect ratio (the model squares",
+        "  every photo itself, so they are used as they are).",
         "- Captions: the human captions as published (not re-cased, not tokenised); the union of the",
         "  sources per image, a caption repeated by a second source kept once. `tokens` are a simple",
         "  lower-cased split, added for the Karpathy layout only.",

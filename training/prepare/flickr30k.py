@@ -8,7 +8,7 @@ captions with the spaces before punctuation taken out ("in the yard." where the 
 file says "in the yard ."). Splits: train 29,000, val 1,014, test_2016 1,000 images
 (the Karpathy sizes), written as train / val / test.
 
-Images are copied byte for byte from image mirrors that hold `<folder>/<name>.jpg`
+Images are copied byte for byte from image mirrors that hold `<folder>/<name>.jpg` in any commit
 (IMAGE_SOURCES, or `--image-source owner+name:folder`). A blob that is not a JPEG
 (an LFS or xet pointer, an HTML page) gets one line naming it, and the copy goes on.
 Re-running skips every image already on disk and a JSON file whose content is unchanged.
@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from training.prepare.mirror import head_commit, is_jpeg, is_lfs_pointer, list_files, read_blobs
+from training.prepare.mirror import head_commit, history_files, is_jpeg, is_lfs_pointer, read_blobs, read_objects
 
 CAPTION_MIRROR = "multi30k+dataset"
 # our split name -> Multi30k Task 2 file stem
@@ -147,12 +147,14 @@ def copy_jpegs(
         if repo is None or not wanted:
             continue
         prefix = f"{source.folder}/" if source.folder else ""
-        paths = {path[len(prefix):]: path for path, _ in list_files(repo, source.folder) if path.startswith(prefix)}
+        # every commit counts: a data folder committed and deleted later is still in the mirror's history
+        paths = {item.path[len(prefix):]: item for item in history_files(repo) if item.path.startswith(prefix)}
         todo = sorted(name for name in wanted if name in paths)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task(f"images from {source.mirror}", total=len(todo))
-            for name, (path, data) in zip(todo, read_blobs(repo, [paths[n] for n in todo])):
+            for name, data in zip(todo, read_objects(repo, [paths[n].blob for n in todo])):
+                path = paths[name].path
                 progress.advance(task)
                 if data is None or not is_jpeg(data):
                     why = "missing" if data is None else "a Git LFS pointer" if is_lfs_pointer(data) else "not a JPEG"
