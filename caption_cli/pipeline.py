@@ -1,5 +1,10 @@
 """The annotate flow: walk -> skip finished -> decode in workers -> caption a batch -> store.
 
+A file whose bytes the store has already captioned (moved, renamed, copied) is not
+decoded: its worker hashes it, finds the hash, and the stored caption is copied.
+After a complete walk, rows under the folders walked whose files are gone are
+marked missing (caption_cli.prune).
+
 Every stage is a generator over the one before, and the only look-ahead is bounded
 (a resume look-up chunk, the decoders' in-flight files, one batch), so memory stays
 flat for any number of photos. A bad file becomes an error row and the run goes on;
