@@ -42,7 +42,15 @@ class Bundle:
 
     @property
     def model_id(self) -> str:
-        """`name@sha12` of the decoder: changes whenever the weights change."""
+        """`name@sha12` of the decoder: changes whenever the weights change.
+
+        A graph-only rewrite of decoder.onnx (export.decoder_passes: same weights, same
+        outputs) records the decoder's original sha12 as `weights_id`, so the id, and with
+        it every stored caption's resume and reuse key, stays the same.
+        """
+        weights_id = self.meta.get("weights_id")
+        if isinstance(weights_id, str) and weights_id:
+            return f"{self.name}@{weights_id}"
         return f"{self.name}@{self.meta['sha256'][self.meta['files']['decoder']][:12]}"
 
     @property
