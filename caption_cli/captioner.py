@@ -1,6 +1,18 @@
-"""Captioner: the encoder and decoder sessions, loaded once, and one batched search per batch."""
+"""Captioner: the encoder and decoder sessions, loaded once, and one batched search per batch.
+
+A batch can run as a pipeline: the encoder of chunk i+1 runs on a helper thread while
+the beam search of chunk i runs on the caller's (onnxruntime releases the GIL), so the
+pipeline keeps calling `caption(pixels)` once per batch. On CUDA the decoder step binds
+features and keys to the device once per set of running rows instead of copying them
+in at every step (onnxruntime IO binding).
+"""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
 
 import numpy as np
 import onnxruntime as ort
@@ -16,6 +28,31 @@ from caption_cli.session import open_session, session_device
 # run as fast as 16 (59 vs 52 img/s) with 300 MB less peak memory, because onnxruntime's
 # arena grows with the largest activation it has held. A GPU takes the whole batch.
 CPU_ENCODER_CHUNK = 8
+# Images per encoder call on CUDA: large enough to fill the GPU, small enough that a batch
+# of several chunks overlaps the encoder of one with the (CPU) search of the one before.
+CUDA_ENCODER_CHUNK = 64
+# What the pipeline's --batch-size should be on each device (images per caption() call).
+PREFERRED_BATCH = {"cpu": 16, "cuda": 256}
+
+
+@dataclass
+class CaptionTimes:
+    """Seconds spent inside the Captioner, summed over calls (what a profile reads).
+
+    encoder: encoder.onnx runs (on the helper thread when pipelined, so it can overlap
+    search); steps: decoder.onnx runs; search: beam_search wall time, steps included, so
+    search - steps is the search's own Python/numpy work.
+    """
+
+    encoder: float = 0.0
+    steps: float = 0.0
+    search: float = 0.0
+    images: int = 0
+    steps_run: int = 0
+
+    def reset(self) -> None:
+        for field in fields(self):
+            setattr(self, field.name, type(getattr(self, field.name))())
 
 
 class Captioner:
@@ -23,12 +60,16 @@ class Captioner:
 
     device is what really runs ("cuda" or "cpu"), read back from onnxruntime;
     options are the search options with the bundle's defaults filled in.
-    encoder_chunk: images per encoder call (None: CPU_ENCODER_CHUNK on a CPU, all on a GPU);
-    the beam search still runs over the whole batch at once.
+    encoder_chunk: images per encoder call (None: CPU_ENCODER_CHUNK on a CPU,
+    CUDA_ENCODER_CHUNK on a GPU). overlap: run the batch as a pipeline of encoder chunks
+    (None: on CUDA only; on the 2-core CPU it measured no faster, see benchmarks/README.md);
+    without it the beam search runs over the whole batch at once.
+    times: where the time went, summed over calls (CaptionTimes).
     """
 
     def __init__(self, bundle: Bundle, device: str = "auto", options: SearchOptions | None = None,
-                 *, threads: int | None = None, encoder_chunk: int | None = None) -> None:
+                 *, threads: int | None = None, encoder_chunk: int | None = None,
+                 overlap: bool | None = None) -> None:
         if encoder_chunk is not None and encoder_chunk < 1:
             raise ValueError(f"encoder_chunk must be at least 1, got {encoder_chunk}")
         self.bundle = bundle
@@ -44,7 +85,24 @@ class Captioner:
         self._start, self._end = special["start"], special["end"]
         self._banned = never_emitted(special)
         self._calibration = bundle.calibration
-        self.encoder_chunk = encoder_chunk or (CPU_ENCODER_CHUNK if self.device == "cpu" else None)
+        on_cuda = self.device == "cuda"
+        self.encoder_chunk = encoder_chunk or (CUDA_ENCODER_CHUNK if on_cuda else CPU_ENCODER_CHUNK)
+        self.overlap = on_cuda if overlap is None else overlap
+        self.times = CaptionTimes()
+        self._helper: ThreadPoolExecutor | None = None  # the encoder's thread when overlapping
+        self._bound: tuple | None = None  # CUDA: (features, keys) arrays and their device copies
+
+    @property
+    def preferred_batch(self) -> int:
+        """Images per caption() call that suit this device (for the pipeline's batch size)."""
+        return PREFERRED_BATCH[self.device]
+
+    def close(self) -> None:
+        """Stop the encoder's helper thread (a later pipelined caption() starts a new one)."""
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
+        self._bound = None
 
     @property
     def device(self) -> str:
@@ -63,8 +121,10 @@ class Captioner:
             raise ValueError(f"pixels must be uint8 [N, {size}, {size}, 3] (preprocess.model_pixels), got {got}")
         (name,), outputs = self._encoder_io
         chunk = self.encoder_chunk or len(pixels)
+        started = time.perf_counter()
         parts = [self._encoder.run(outputs, {name: np.ascontiguousarray(pixels[start:start + chunk])})
                  for start in range(0, len(pixels), chunk)]
+        self.times.encoder += time.perf_counter() - started
         features, keys, hidden0 = parts[0] if len(parts) == 1 else (np.concatenate(p) for p in zip(*parts))
         h, w = self.bundle.grid
         if features.shape[1] != h * w:
@@ -75,18 +135,71 @@ class Captioner:
     def step(self, token: np.ndarray, hidden: np.ndarray, features: np.ndarray,
              keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One decoder step over B rows: -> logprobs [B, V], hidden_out [B, H], attention [B, L]."""
-        inputs, outputs = self._decoder_io
-        logprobs, hidden_out, attention = self._decoder.run(outputs, dict(zip(inputs, (token, hidden, features, keys))))
+        started = time.perf_counter()
+        if self.device == "cuda":
+            logprobs, hidden_out, attention = self._step_bound(token, hidden, features, keys)
+        else:
+            inputs, outputs = self._decoder_io
+            logprobs, hidden_out, attention = self._decoder.run(
+                outputs, dict(zip(inputs, (token, hidden, features, keys))))
+        self.times.steps += time.perf_counter() - started
+        self.times.steps_run += 1
         return logprobs, hidden_out, attention
 
+    def _step_bound(self, token: np.ndarray, hidden: np.ndarray, features: np.ndarray,
+                    keys: np.ndarray) -> list[np.ndarray]:
+        """The step through IO binding: features and keys ([B, L, E] and [B, L, A], the
+        largest inputs by far) go to the GPU once and stay there for every step that gets
+        the same arrays; beam_search hands the same objects until images leave the batch.
+        token and hidden change every step and are small; the outputs come back to the
+        host, where the search picks the next words."""
+        (token_name, hidden_name, features_name, keys_name), outputs = self._decoder_io
+        if self._bound is None or self._bound[0] is not features or self._bound[1] is not keys:
+            self._bound = (features, keys, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(features), "cuda", 0),
+                           ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(keys), "cuda", 0))
+        binding = self._decoder.io_binding()
+        binding.bind_cpu_input(token_name, np.ascontiguousarray(token))
+        binding.bind_cpu_input(hidden_name, np.ascontiguousarray(hidden))
+        binding.bind_ortvalue_input(features_name, self._bound[2])
+        binding.bind_ortvalue_input(keys_name, self._bound[3])
+        for name in outputs:
+            binding.bind_output(name, "cpu")
+        self._decoder.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
     def caption(self, pixels: np.ndarray) -> list[Caption]:
-        """Caption a batch: one encoder call, then one beam search over every image."""
+        """Caption a batch: the encoder, then one beam search over every image; with
+        `overlap`, chunk by chunk, the encoder one chunk ahead of the search."""
         if isinstance(pixels, np.ndarray) and pixels.ndim == 4 and pixels.shape[0] == 0:
             return []
-        features, keys, hidden0 = self.encode(pixels)
-        found = beam_search(self.step, features, keys, hidden0, self.options,
-                            start_id=self._start, end_id=self._end, banned_ids=self._banned)
+        chunk = self.encoder_chunk or len(pixels)
+        if not self.overlap or len(pixels) <= chunk:
+            found = self._search(*self.encode(pixels))
+        else:
+            found = [hyps for encoded in self._encoded_ahead(pixels, chunk) for hyps in self._search(*encoded)]
+        self.times.images += len(found)
+        self._bound = None  # the device copies of the last rows are not needed any more
         return [self._caption(hypotheses) for hypotheses in found]
+
+    def _encoded_ahead(self, pixels: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """encode() of each chunk in order, the next one already running on the helper
+        thread while the caller searches this one."""
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-cli-encoder")
+        ahead: Future = self._helper.submit(self.encode, pixels[:chunk])
+        for start in range(0, len(pixels), chunk):
+            encoded = ahead.result()
+            if start + chunk < len(pixels):
+                ahead = self._helper.submit(self.encode, pixels[start + chunk:start + 2 * chunk])
+            yield encoded
+
+    def _search(self, features: np.ndarray, keys: np.ndarray, hidden0: np.ndarray) -> list[list[Hypothesis]]:
+        started = time.perf_counter()
+        try:
+            return beam_search(self.step, features, keys, hidden0, self.options,
+                               start_id=self._start, end_id=self._end, banned_ids=self._banned)
+        finally:
+            self.times.search += time.perf_counter() - started
 
     def _caption(self, hypotheses: list[Hypothesis]) -> Caption:
         best = hypotheses[0]
