@@ -85,26 +85,26 @@ def source_images(folder: Path) -> list[Path]:
     return paths
 
 
-def _upscale(source: Path, target: Path) -> None:
-    """One 12 MP copy, written under a temporary name so an interrupted run leaves no half file."""
+def _upscale(source: Path, target: Path, size: tuple[int, int] = BIG_SIZE) -> None:
+    """One resized copy, written under a temporary name so an interrupted run leaves no half file."""
     with Image.open(source) as image:
-        big = image.convert("RGB").resize(BIG_SIZE, Image.Resampling.BICUBIC)
+        big = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
     partial = target.with_name(f".{target.name}.part")
     big.save(partial, "JPEG", quality=BIG_QUALITY)
     os.replace(partial, target)
 
 
-def big_copies(sources: list[Path], cache: Path, count: int) -> list[Path]:
-    """`count` 4000x3000 JPEG q90 upscales of the first sources, made once into the cache."""
-    folder = cache / f"flickr8k-{BIG_SIZE[0]}x{BIG_SIZE[1]}-q{BIG_QUALITY}"
+def big_copies(sources: list[Path], cache: Path, count: int, size: tuple[int, int] = BIG_SIZE) -> list[Path]:
+    """`count` JPEG q90 copies at `size` (4000x3000 by default) of the first sources, made once into the cache."""
+    folder = cache / f"flickr8k-{size[0]}x{size[1]}-q{BIG_QUALITY}"
     folder.mkdir(parents=True, exist_ok=True)
     pairs = [(src, folder / src.name) for src in sources[:count]]
     missing = [(src, dst) for src, dst in pairs if not dst.exists()]
     if missing:
-        say(f"making {len(missing)} {BIG_SIZE[0]}x{BIG_SIZE[1]} copies in {folder} (once) ...")
+        say(f"making {len(missing)} {size[0]}x{size[1]} copies in {folder} (once) ...")
         # spawn, not fork: this process may already run torch's and onnxruntime's threads
         with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_upscale, *zip(*missing)))
+            list(pool.map(_upscale, *zip(*missing), [size] * len(missing)))
     return [dst for _, dst in pairs]
 
 
@@ -551,6 +551,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rss-first", type=int, help="files after which peak RSS is first sampled "
                         "(default 1000; quick 300); the growth is measured from there to --rss-images")
     parser.add_argument("--big", action="store_true", help="also run on 4000x3000 JPEG q90 copies")
+    parser.add_argument("--small", type=int, metavar="PX", help="also run on PXxPX JPEG copies (e.g. 224)")
     parser.add_argument("--big-copies", type=int, help="distinct 12 MP copies to make/reuse (default 300; quick 16)")
     parser.add_argument("--quick", action="store_true", help="a small smoke-test run (64 images, memory 300/1000)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -624,6 +625,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp_name:
         tmp = Path(tmp_name)
         sets = [("flickr8k-224", sources)]
+        if args.small:
+            sets.append((f"{args.small}px", big_copies(sources, args.cache, args.big_copies, (args.small, args.small))))
         if args.big:
             sets.append(("12mp", big_copies(sources, args.cache, args.big_copies)))
         for label, images in sets:

@@ -73,6 +73,7 @@ def open_session(path: Path, device: str = "auto", *, threads: int | None = None
                           f"(providers: {', '.join(ort.get_available_providers())}); "
                           f"install the GPU build ({GPU_HINT}) or use device auto or cpu")
     if device != "cpu" and cuda_built_in():
+        _preload_cuda_libraries()
         try:
             session = _create(path, [(CUDA, {"device_id": 0}), CPU], threads)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -87,6 +88,18 @@ def open_session(path: Path, device: str = "auto", *, threads: int | None = None
                           f"or not matching this onnxruntime build; see onnxruntime's CUDA requirements); "
                           f"use device auto or cpu")
     return session
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels when they are installed (the gpu extra's
+    onnxruntime-gpu[cuda,cudnn]); without them onnxruntime looks in the system paths."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception:  # noqa: BLE001 - missing wheels: the CUDA provider reports what it lacks
+        pass
 
 
 def _create(path: Path, providers: list, threads: int | None) -> ort.InferenceSession:
