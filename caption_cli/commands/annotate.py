@@ -102,12 +102,13 @@ def load_captioner(
 
 
 def _captioner_or_exit(
-    model: Path | None, device: Device, beam: int | None, alternatives: int | None
+    model: Path | None, device: Device, beam: int | None, alternatives: int | None,
+    load: Callable[..., Any] | None = None,
 ) -> Any:
     from caption_cli.beam import SearchOptionsError
 
     try:
-        return load_captioner(model, device.value, beam, alternatives)
+        return (load or load_captioner)(model, device.value, beam, alternatives)
     except SearchOptionsError as exc:  # e.g. --alternatives above the bundle's beam
         _usage_error(str(exc), "--beam/--alternatives")
     except BundleError as exc:
@@ -333,6 +334,12 @@ def annotate(
     ] = None,
     min_confidence: MinConfidenceOption = DEFAULT_MIN_CONFIDENCE,
     as_json: JsonOption = False,
+    ray: Annotated[
+        str | None,
+        typer.Option("--ray", metavar="auto|local|ADDRESS", help="Decode and caption on a Ray cluster (auto: the"
+                     " running one; local: start one here; or the head's host:port); the database stays here."
+                     " Needs pip install 'caption-cli[cluster]'; see docs/cluster.md."),
+    ] = None,
 ) -> None:
     """Caption every photo under the given folders into the database.
 
@@ -343,6 +350,19 @@ def annotate(
 
     # Everything the user can get wrong is checked before the model loads.
     _check_search_options(beam, alternatives)
+    load = None
+    if ray is not None:  # the same flow, with decoding and the model on the cluster (caption_cli.cluster)
+        from functools import partial
+
+        from caption_cli import cluster
+
+        if write_metadata is not None:
+            _usage_error("--write-metadata does not run with --ray yet; run caption-cli write-metadata after", "--ray")
+        try:
+            cluster.require_ray()
+        except CaptionCliError as exc:
+            _fail(str(exc))
+        load, run_pipeline = cluster.load_remote_captioner, partial(cluster.annotate, address=ray)
     if not dry_run and not db.resolve().parent.is_dir():
         _usage_error(f"folder {db.parent} does not exist", "--db")
     options = AnnotateOptions(
@@ -362,7 +382,7 @@ def annotate(
         writer = None
         if write_metadata is not None:
             writer = stack.enter_context(_metadata_writer(write_metadata, dry_run))
-        captioner = _captioner_or_exit(model, device, beam, alternatives)
+        captioner = _captioner_or_exit(model, device, beam, alternatives, load)
         if dry_run:
             from caption_cli.store import DryRunStore
 
