@@ -75,6 +75,7 @@ class AnnotateOptions:
     reuse: bool = True  # copy the stored caption of a file with the same bytes instead of captioning
     mark_missing: bool = True  # after the walk, mark rows under the folders whose files are gone
     lookup_size: int = 256  # keys per resume query
+    prefetch: int | None = None  # files in the decoders at once (None: a batch plus 4 per worker)
     min_confidence: float = 0.0  # metadata only for captions at least this sure (confidence.passes)
 
     def __post_init__(self) -> None:
@@ -189,7 +190,10 @@ def annotate(
                 yield key.path
 
         decode_fn = decode if known is None else partial(decode, known=known)
-        for decoded in decode_many(paths(), size, options.workers, decode_fn=decode_fn):
+        # A batch's worth of files ahead: the workers keep decoding the next batch while
+        # this one is captioned, instead of stopping a few files in.
+        prefetch = options.prefetch or options.batch_size + 4 * options.workers
+        for decoded in decode_many(paths(), size, options.workers, prefetch=prefetch, decode_fn=decode_fn):
             batcher.add(in_flight.popleft(), decoded)
             if batcher.ready(options.batch_size):
                 batcher.flush()
