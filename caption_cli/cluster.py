@@ -33,7 +33,7 @@ import logging
 import pickle
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -77,14 +77,19 @@ class ClusterOptions:
 
     captioners: int | None = None  # model actors: one per GPU, or one per 2 CPUs without GPUs
     threads: int = CPU_CAPTIONER_THREADS  # onnxruntime threads of a captioner on a CPU
+    # Times Ray runs a batch again after the process running it died (a codec crash, out of
+    # memory, a node lost). Bounded, so a file that kills every process reading it cannot
+    # loop: its batch is given up, and its files run again one per batch (_caption_chunk).
+    retries: int = 2
     first_chunk: int = 4096  # files in the first Dataset; the next ones double, up to:
     max_chunk: int = 65536  # so the driver holds at most this many keys (a few MB), whatever the run
 
     def __post_init__(self) -> None:
         if self.captioners is not None and self.captioners < 1:
             raise ValueError(f"captioners must be at least 1, got {self.captioners}")
-        if self.threads < 1 or self.first_chunk < 1 or self.max_chunk < self.first_chunk:
-            raise ValueError("threads and first_chunk must be at least 1, and max_chunk at least first_chunk")
+        if self.threads < 1 or self.first_chunk < 1 or self.max_chunk < self.first_chunk or self.retries < 0:
+            raise ValueError("threads and first_chunk must be at least 1, max_chunk at least first_chunk, "
+                             "retries 0 or more")
 
 
 def require_ray() -> Any:
@@ -188,13 +193,9 @@ def plan(resources: dict[str, float], device: str, options: ClusterOptions) -> P
 
 # Columns between the stages (Arrow has no None for ints, so missing values are -1 / "").
 _NO_SIZE = -1
-# Times Ray runs a batch again after the process running it died (a codec crash, out of
-# memory, a node lost). Bounded, so a file that kills every process reading it cannot loop:
-# its batch is given up, and _caption_chunk runs the files of a given-up batch again alone.
-BATCH_RETRIES = 2
 PROCESS_DIED = (
     "the cluster process decoding or captioning this file died, also when it ran alone "
-    f"({BATCH_RETRIES + 1} tries: a crash in the image codec, out of memory, or its node was lost)"
+    "(a crash in the image codec, out of memory, or its node was lost)"
 )
 
 
@@ -285,6 +286,7 @@ def annotate(
     metadata_writer: Any | None = None,
     on_metadata: MetadataHandler | None = None,
     captioner_actor: type = CaptionerActor,
+    decode_stage: Callable[..., dict] = decode_batch,
 ) -> Summary:
     """pipeline.annotate, with decoding and the model on a Ray cluster (same rows, same summary).
 
@@ -292,7 +294,8 @@ def annotate(
     written here, on the driver, one transaction per batch that comes back. Content
     reuse across runs is not looked up on the cluster (the store is the driver's): a
     copy of a stored photo is captioned again, to the same caption. captioner_actor
-    is a seam for tests (a subclass of CaptionerActor that crashes on purpose).
+    and decode_stage are seams for tests (a CaptionerActor subclass, a decode_batch that
+    crash on purpose).
     """
     if metadata_writer is not None:
         raise ClusterError("--write-metadata does not run with --ray yet; run `caption-cli write-metadata` "
@@ -304,8 +307,8 @@ def annotate(
     try:
         shape = plan(ray.cluster_resources(), captioner.requested_device, cluster)
         captioner.device = shape.device
-        return _run(ray, list(roots), captioner, store, options, cluster, shape, argv, on_result, on_skip,
-                    captioner_actor)
+        stages = (decode_stage, captioner_actor)
+        return _run(ray, list(roots), captioner, store, options, cluster, shape, argv, on_result, on_skip, stages)
     finally:
         if started_ray:
             ray.shutdown()
@@ -313,7 +316,7 @@ def annotate(
 
 def _run(ray: Any, roots: list[Path | str], captioner: RemoteCaptioner, store: StoreLike,
          options: AnnotateOptions, cluster: ClusterOptions, shape: Plan, argv: Sequence[str],
-         on_result: ResultHandler | None, on_skip: SkipHandler | None, captioner_actor: type) -> Summary:
+         on_result: ResultHandler | None, on_skip: SkipHandler | None, stages: tuple) -> Summary:
     summary = Summary()
     started = time.monotonic()
     model_id = captioner.bundle.model_id
@@ -340,7 +343,7 @@ def _run(ray: Any, roots: list[Path | str], captioner: RemoteCaptioner, store: S
         found = walk(roots, options.recursive, options.include_hidden, on_error=walk_error)
         todo = _unfinished(_keys(found), store, model_id, options, skipped)
         for chunk in _chunks(todo, cluster.first_chunk, cluster.max_chunk):
-            for results in _caption_chunk(ray, chunk, captioner, options, cluster, shape, captioner_actor):
+            for results in _caption_chunk(ray, chunk, captioner, options, cluster, shape, stages):
                 store.write_batch(results, model_id, run_id)
                 for result in results:
                     report(result)
@@ -362,23 +365,24 @@ def _chunks(keys: Iterator[_Key], first: int, most: int) -> Iterator[list[_Key]]
 
 
 def _caption_chunk(ray: Any, chunk: list[_Key], captioner: RemoteCaptioner, options: AnnotateOptions,
-                   cluster: ClusterOptions, shape: Plan, captioner_actor: type) -> Iterator[list[CaptionResult]]:
+                   cluster: ClusterOptions, shape: Plan, stages: tuple) -> Iterator[list[CaptionResult]]:
     """The CaptionResults of these files, a batch at a time as they come back.
 
-    A batch whose process died BATCH_RETRIES + 1 times is given up by Ray Data (the run
+    A batch whose process died cluster.retries + 1 times is given up by Ray Data (the run
     goes on: max_errored_blocks); its files then run again one per batch, so only a
     file that kills its process alone is an error row (PROCESS_DIED), as decode_many
     does locally with a decoder that dies.
     """
     returned: set[str] = set()
-    for results in _caption_files(ray, chunk, options.batch_size, captioner, cluster, shape, captioner_actor):
+    for results in _caption_files(ray, chunk, options.batch_size, captioner, cluster, shape, stages, 4):
         returned.update(str(result.path) for result in results)
         yield results
     lost = [key for key in chunk if str(key.path) not in returned]
     if not lost:
         return
     returned.clear()
-    for results in _caption_files(ray, lost, 1, captioner, cluster, shape, captioner_actor):
+    # One file per batch and one batch per actor at a time, so a death takes no other file with it.
+    for results in _caption_files(ray, lost, 1, captioner, cluster, shape, stages, 1):
         returned.update(str(result.path) for result in results)
         yield results
     died = [CaptionResult(path=key.path, size=key.size, mtime=key.mtime, status="error", error=PROCESS_DIED)
@@ -388,23 +392,26 @@ def _caption_chunk(ray: Any, chunk: list[_Key], captioner: RemoteCaptioner, opti
 
 
 def _caption_files(ray: Any, keys: list[_Key], batch: int, captioner: RemoteCaptioner, cluster: ClusterOptions,
-                   shape: Plan, captioner_actor: type) -> Iterator[list[CaptionResult]]:
-    """One Dataset over these files: decode tasks, then the captioner actor pool."""
+                   shape: Plan, stages: tuple, in_flight: int) -> Iterator[list[CaptionResult]]:
+    """One Dataset over these files: decode tasks, then the captioner actor pool (in_flight
+    batches queued per actor, so the next batch is there when one finishes)."""
+    decode_stage, captioner_actor = stages
     items = [{"path": str(key.path), "size": key.size, "mtime": key.mtime} for key in keys]
     bundle = captioner.bundle
     on_gpu = bool(shape.gpus_per_captioner)
     with _dataset_settings(ray):
         dataset = (
             ray.data.from_items(items, override_num_blocks=-(-len(items) // batch))
-            .map_batches(decode_batch, fn_kwargs={"image_size": bundle.image_size}, batch_size=batch,
-                         batch_format="numpy", num_cpus=1, max_retries=BATCH_RETRIES)
+            .map_batches(decode_stage, fn_kwargs={"image_size": bundle.image_size}, batch_size=batch,
+                         batch_format="numpy", num_cpus=1, max_retries=cluster.retries)
             .map_batches(captioner_actor,
                          fn_constructor_args=(str(bundle.path), bundle.model_id, "cuda" if on_gpu else "cpu",
                                               captioner.options, None if on_gpu else cluster.threads),
                          batch_size=batch, batch_format="numpy",
-                         compute=ray.data.ActorPoolStrategy(size=shape.captioners),
+                         compute=ray.data.ActorPoolStrategy(size=shape.captioners,
+                                                            max_tasks_in_flight_per_actor=in_flight),
                          num_cpus=1, num_gpus=shape.gpus_per_captioner or None,
-                         max_restarts=-1, max_task_retries=BATCH_RETRIES)
+                         max_restarts=-1, max_task_retries=cluster.retries)
         )
     del items
     batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
