@@ -333,3 +333,10 @@ def test_annotate_with_the_tiny_bundle(tmp_path: Path, store: Store, tiny_bundle
         assert alternatives[0]["caption"] == row["caption"]
         assert [a["rank"] for a in alternatives] == list(range(1, len(alternatives) + 1))
         assert [a["score"] for a in alternatives] == sorted((a["score"] for a in alternatives), reverse=True)
+
+
+def test_default_workers_leave_the_cpu_model_a_core_and_give_a_gpu_every_core_but_one(monkeypatch):
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 16)
+    assert (pipeline.default_workers(), pipeline.default_workers("cuda")) == (4, 15)
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    assert (pipeline.default_workers(), pipeline.default_workers("cuda")) == (1, 1)

@@ -305,12 +305,15 @@ def annotate(
     model: ModelOption = None,
     device: DeviceOption = Device.auto,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Images per model call.")
-    ] = 16,
+        int | None,
+        typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Images per model call (default: 16 on the CPU,"
+                     " 256 with CUDA)."),
+    ] = None,
     workers: Annotated[
         int | None,
         typer.Option(
-            "--workers", min=0, help="Decoder processes (0: in this process; default: cores - 1, at most 4)."
+            "--workers", min=0, help="Decoder processes (0: in this process; default: cores - 1, at most 4 on"
+            " the CPU, no cap with CUDA)."
         ),
     ] = None,
     beam: Annotated[
@@ -368,7 +371,7 @@ def annotate(
     options = AnnotateOptions(
         recursive=recursive,
         include_hidden=include_hidden,
-        batch_size=batch_size,
+        batch_size=batch_size or 16,
         workers=default_workers() if workers is None else workers,
         force=force,
         min_confidence=min_confidence,
@@ -383,6 +386,12 @@ def annotate(
         if write_metadata is not None:
             writer = stack.enter_context(_metadata_writer(write_metadata, dry_run))
         captioner = _captioner_or_exit(model, device, beam, alternatives, load)
+        # Sized for where the model really runs (known only now): bigger batches and
+        # more decoders when CUDA loaded.
+        if batch_size is None:
+            options.batch_size = getattr(captioner, "preferred_batch", options.batch_size)
+        if workers is None:
+            options.workers = default_workers(captioner.device)
         if dry_run:
             from caption_cli.store import DryRunStore
 
