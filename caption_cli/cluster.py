@@ -399,13 +399,15 @@ def _caption_files(ray: Any, keys: list[_Key], batch: int, captioner: RemoteCapt
     items = [{"path": str(key.path), "size": key.size, "mtime": key.mtime} for key in keys]
     bundle = captioner.bundle
     on_gpu = bool(shape.gpus_per_captioner)
+    # "auto" on a GPU actor: CUDA, or the CPU when CUDA cannot start there (as locally).
+    device = captioner.requested_device if on_gpu else "cpu"
     with _dataset_settings(ray):
         dataset = (
             ray.data.from_items(items, override_num_blocks=-(-len(items) // batch))
             .map_batches(decode_stage, fn_kwargs={"image_size": bundle.image_size}, batch_size=batch,
                          batch_format="numpy", num_cpus=1, max_retries=cluster.retries)
             .map_batches(captioner_actor,
-                         fn_constructor_args=(str(bundle.path), bundle.model_id, "cuda" if on_gpu else "cpu",
+                         fn_constructor_args=(str(bundle.path), bundle.model_id, device,
                                               captioner.options, None if on_gpu else cluster.threads),
                          batch_size=batch, batch_format="numpy",
                          compute=ray.data.ActorPoolStrategy(size=shape.captioners,
@@ -416,7 +418,13 @@ def _caption_files(ray: Any, keys: list[_Key], batch: int, captioner: RemoteCapt
     del items
     batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
     try:
-        for columns in batches:
+        while True:
+            try:
+                columns = next(batches)
+            except StopIteration:
+                return
+            except ray.exceptions.RayError as exc:  # e.g. no actor could start (a bundle, a device)
+                raise ClusterError(f"the cluster run failed: {_first_line(exc)}") from exc
             fatal = next((message for message in columns["fatal"] if message), None)
             if fatal:
                 raise ClusterError(f"the model failed on the cluster: {fatal}")
@@ -425,6 +433,13 @@ def _caption_files(ray: Any, keys: list[_Key], batch: int, captioner: RemoteCapt
         close = getattr(batches, "close", None)
         if close is not None:  # stops the Dataset's execution (an interrupted run)
             close()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The cause of a Ray error in one line (Ray's messages carry the remote traceback)."""
+    cause = getattr(exc, "cause", None) or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 @contextmanager

@@ -283,3 +283,18 @@ def test_cli_refuses_write_metadata_with_ray(tmp_path: Path, photos: Path):
     assert result.exit_code == 2
     assert "--write-metadata does not run with --ray yet" in result.output
     assert not (tmp_path / "c.db").exists()
+
+
+def test_a_node_with_another_bundle_at_the_path_is_refused(local_ray, tmp_path: Path, tiny_bundle: Path):
+    from types import SimpleNamespace
+
+    make_photos(tmp_path / "photos", 2)
+    remote = cluster.RemoteCaptioner(load_bundle(tiny_bundle))
+    # The driver's bundle says another model than the one the actors find at that path.
+    remote.bundle = SimpleNamespace(path=remote.bundle.path, model_id="other@000000000000",
+                                    image_size=remote.bundle.image_size)
+    with Store(tmp_path / "c.db") as store:
+        with pytest.raises(ClusterError, match="every node must see the same bundle at the same path"):
+            cluster.annotate([tmp_path / "photos"], remote, store, options())
+        assert list(store.iter_images()) == []
+        assert last_run(store)["finished_at"]
