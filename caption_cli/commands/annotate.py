@@ -84,6 +84,21 @@ MinConfidenceOption = Annotated[
         " acceptable); the rest are held back and counted. 0 keeps every caption.",
     ),
 ]
+BatchSizeOption = Annotated[
+    int | None,
+    typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Images per model call (default: 16 on the CPU,"
+                 " 256 with CUDA)."),
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option("--workers", min=0, help="Decoder processes (0: in this process; default: cores - 1, at most 4 on"
+                 " the CPU, no cap with CUDA)."),
+]
+RecursiveOption = Annotated[bool, typer.Option("--recursive/--no-recursive", help="Walk sub-folders.")]
+IncludeHiddenOption = Annotated[bool, typer.Option("--include-hidden", help="Also walk hidden files and folders.")]
+WriteMetadataOption = Annotated[
+    MetadataMode | None, typer.Option("--write-metadata", help="Also write captions into photo metadata.")
+]
 
 
 def load_captioner(
@@ -304,18 +319,8 @@ def annotate(
     db: DbOption = DEFAULT_DB,
     model: ModelOption = None,
     device: DeviceOption = Device.auto,
-    batch_size: Annotated[
-        int | None,
-        typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Images per model call (default: 16 on the CPU,"
-                     " 256 with CUDA)."),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers", min=0, help="Decoder processes (0: in this process; default: cores - 1, at most 4 on"
-            " the CPU, no cap with CUDA)."
-        ),
-    ] = None,
+    batch_size: BatchSizeOption = None,
+    workers: WorkersOption = None,
     beam: Annotated[
         int | None, typer.Option("--beam", min=1, help="Beam width (default: the bundle's).")
     ] = None,
@@ -323,18 +328,13 @@ def annotate(
         int | None,
         typer.Option("--alternatives", min=1, help="Ranked captions kept per image (<= beam)."),
     ] = None,
-    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Walk sub-folders.")] = True,
-    include_hidden: Annotated[
-        bool, typer.Option("--include-hidden", help="Also walk hidden files and folders.")
-    ] = False,
+    recursive: RecursiveOption = True,
+    include_hidden: IncludeHiddenOption = False,
     force: Annotated[bool, typer.Option("--force", help="Caption again what is already stored.")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Caption and report, but write nothing.")
     ] = False,
-    write_metadata: Annotated[
-        MetadataMode | None,
-        typer.Option("--write-metadata", help="Also write captions into photo metadata."),
-    ] = None,
+    write_metadata: WriteMetadataOption = None,
     min_confidence: MinConfidenceOption = DEFAULT_MIN_CONFIDENCE,
     as_json: JsonOption = False,
     ray: Annotated[
@@ -386,12 +386,7 @@ def annotate(
         if write_metadata is not None:
             writer = stack.enter_context(_metadata_writer(write_metadata, dry_run))
         captioner = _captioner_or_exit(model, device, beam, alternatives, load)
-        # Sized for where the model really runs (known only now): bigger batches and
-        # more decoders when CUDA loaded.
-        if batch_size is None:
-            options.batch_size = getattr(captioner, "preferred_batch", options.batch_size)
-        if workers is None:
-            options.workers = default_workers(captioner.device)
+        size_for_device(options, captioner, batch_size, workers)
         if dry_run:
             from caption_cli.store import DryRunStore
 
@@ -440,6 +435,17 @@ def _summary_line(summary: Any, device: str, metadata: bool, min_confidence: flo
     if dry_run:
         line += " (dry run: nothing was written)"
     return line + "."
+
+
+def size_for_device(options: Any, captioner: Any, batch_size: int | None, workers: int | None) -> None:
+    """Batch size and decoders for where the model really runs (known only once it loaded):
+    bigger batches and more decoders when CUDA loaded, unless the user said otherwise."""
+    from caption_cli.pipeline import default_workers
+
+    if batch_size is None:
+        options.batch_size = getattr(captioner, "preferred_batch", options.batch_size)
+    if workers is None:
+        options.workers = default_workers(captioner.device)
 
 
 def _check_search_options(beam: int | None, alternatives: int | None) -> None:

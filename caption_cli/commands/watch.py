@@ -17,14 +17,17 @@ from typing import Annotated
 import typer
 
 from caption_cli.commands.annotate import (
-    MAX_BATCH,
+    BatchSizeOption,
     DbOption,
     Device,
     DeviceOption,
+    IncludeHiddenOption,
     JsonOption,
-    MetadataMode,
     MinConfidenceOption,
     ModelOption,
+    RecursiveOption,
+    WorkersOption,
+    WriteMetadataOption,
     _captioner_or_exit,
     _fail,
     _metadata_writer,
@@ -32,6 +35,7 @@ from caption_cli.commands.annotate import (
     _Reporter,
     _summary_line,
     _usage_error,
+    size_for_device,
 )
 from caption_cli.confidence import DEFAULT_MIN_CONFIDENCE
 from caption_cli.errors import CaptionCliError
@@ -49,21 +53,11 @@ def watch(
     db: DbOption = DEFAULT_DB,
     model: ModelOption = None,
     device: DeviceOption = Device.auto,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=MAX_BATCH, help="Images per model call.")
-    ] = 16,
-    workers: Annotated[
-        int | None,
-        typer.Option("--workers", min=0, help="Decoder processes for big batches (default: cores - 1, at most 4)."),
-    ] = None,
-    recursive: Annotated[bool, typer.Option("--recursive/--no-recursive", help="Watch sub-folders.")] = True,
-    include_hidden: Annotated[
-        bool, typer.Option("--include-hidden", help="Also caption hidden files and folders.")
-    ] = False,
-    write_metadata: Annotated[
-        MetadataMode | None,
-        typer.Option("--write-metadata", help="Also write captions into photo metadata."),
-    ] = None,
+    batch_size: BatchSizeOption = None,
+    workers: WorkersOption = None,
+    recursive: RecursiveOption = True,
+    include_hidden: IncludeHiddenOption = False,
+    write_metadata: WriteMetadataOption = None,
     min_confidence: MinConfidenceOption = DEFAULT_MIN_CONFIDENCE,
     settle: Annotated[
         float, typer.Option("--settle", min=0.0, help="Seconds a file must stay unchanged before it is captioned.")
@@ -91,7 +85,7 @@ def watch(
     options = AnnotateOptions(
         recursive=recursive,
         include_hidden=include_hidden,
-        batch_size=batch_size,
+        batch_size=batch_size or 16,
         workers=default_workers() if workers is None else workers,
         min_confidence=min_confidence,
     )
@@ -104,6 +98,7 @@ def watch(
             writer = stack.enter_context(_metadata_writer(write_metadata, dry_run=False))
         captioner = _captioner_or_exit(model, device, None, None)
         device_name = captioner.device
+        size_for_device(options, captioner, batch_size, workers)
         store = stack.enter_context(_open_store(db))
         reporter = stack.enter_context(_Reporter(as_json, show_progress=False, total=None))
 
