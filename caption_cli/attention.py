@@ -7,7 +7,6 @@ upsampled bicubically, which gives the smooth blobs of the Show, Attend and Tell
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from caption_cli.errors import ImageError
+from caption_cli.images import register_heif_for
 
 PANEL = 224  # longer side of each panel, px
 COLUMNS = 4
@@ -62,7 +62,7 @@ def heatmap_png(photo_path: Path | str, words: Sequence[str], attention: np.ndar
 
 def _open_photo(path: Path, panel: int) -> Image.Image:
     """The upright photo, fitted inside panel x panel."""
-    _register_heif()
+    register_heif_for(path)
     try:
         with Image.open(path) as image:
             image.draft("RGB", (panel, panel))  # JPEG: decode at a reduced scale, much faster
@@ -71,16 +71,6 @@ def _open_photo(path: Path, panel: int) -> Image.Image:
         raise ImageError(f"{path}: cannot be read ({exc})") from None
     image.thumbnail((panel, panel), Image.Resampling.LANCZOS)
     return image
-
-
-@functools.cache
-def _register_heif() -> None:
-    """HEIC/HEIF photos open like any other once pillow-heif is registered (once)."""
-    try:
-        import pillow_heif
-    except ImportError:
-        return
-    pillow_heif.register_heif_opener()
 
 
 def _overlay(photo: Image.Image, weights: np.ndarray) -> Image.Image:

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from caption_cli.confidence import passes
+from caption_cli.images import register_heif_for
 
 DEFAULT_PAGE_SIZE = 200
 DEFAULT_THUMB_SIZE = 320  # longest side, px; sharp on a 2x screen at the 160 px card width
@@ -76,7 +77,7 @@ def make_thumbnail(photo: Path, out: Path, thumb_size: int) -> tuple[int, int]:
     Written to a temporary name and renamed, so an interrupted run never leaves a
     truncated thumbnail that later runs would reuse.
     """
-    _register_heif()
+    register_heif_for(photo)
     with Image.open(photo) as image:
         image.draft("RGB", (thumb_size, thumb_size))  # JPEG DCT scaling: decode at 1/2..1/8 size
         image = ImageOps.exif_transpose(image)
@@ -86,14 +87,6 @@ def make_thumbnail(photo: Path, out: Path, thumb_size: int) -> tuple[int, int]:
         image.save(partial, "JPEG", quality=82, optimize=True)
         os.replace(partial, out)
         return image.size
-
-
-def _register_heif() -> None:
-    try:
-        from pillow_heif import register_heif_opener
-    except ImportError:  # HEIC photos then fail with a one-line error on their card
-        return
-    register_heif_opener()
 
 
 def _thumb_size_of(path: Path) -> tuple[int, int] | None:

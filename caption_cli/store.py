@@ -18,14 +18,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sqlite_utils import Database
+
+from caption_cli.sqlite_utils_lean import Database
 
 from caption_cli.errors import StoreError
+from caption_cli.hash_lookup import BUSY_TIMEOUT_S, HashLookup
 from caption_cli.results import Alternative, Caption, CaptionResult
 
 DEFAULT_DB = Path("captions.db")
 DB_ENV = "CAPTION_CLI_DB"
-BUSY_TIMEOUT_S = 60.0
 ATTENTION_DTYPE = np.dtype("<f2")  # float16, little-endian, row-major [grid_h, grid_w]
 
 FileKey = tuple[str | Path, int, float]  # (path, size, mtime): what "unchanged" means
@@ -605,47 +606,6 @@ def _reusable_caption(conn: sqlite3.Connection, content_hash: str, model_id: str
     caption = Caption(text=text, score=score, words=words, attention=weights,
                       alternatives=alternatives, confidence=confidence)
     return ReusedCaption(caption, width, height)
-
-
-class HashLookup:
-    """Whether the store has an OK caption by model_id for a content hash.
-
-    Handed (pickled) to the decode workers so they can skip decoding such a file;
-    each process opens one read-only connection per database and keeps it. Any
-    SQLite trouble answers False: the file is then decoded and captioned as usual.
-    """
-
-    def __init__(self, path: Path | str, model_id: str) -> None:
-        self.path = str(Path(path).resolve())
-        self.model_id = model_id
-
-    def __call__(self, content_hash: str) -> bool:
-        try:
-            conn = _lookup_connection(self.path)
-            return conn.execute(
-                "select 1 from images where content_hash = ? and model_id = ? and status = 'ok' limit 1",
-                [content_hash, self.model_id],
-            ).fetchone() is not None
-        except sqlite3.Error:
-            return False
-
-    def close(self) -> None:
-        """Close this process's connection (the decode workers' end with their process)."""
-        conn = _LOOKUP_CONNECTIONS.pop(self.path, None)
-        if conn is not None:
-            conn.close()
-
-
-_LOOKUP_CONNECTIONS: dict[str, sqlite3.Connection] = {}
-
-
-def _lookup_connection(path: str) -> sqlite3.Connection:
-    conn = _LOOKUP_CONNECTIONS.get(path)
-    if conn is None:
-        conn = sqlite3.connect(Path(path).as_uri() + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
-                               check_same_thread=False)
-        _LOOKUP_CONNECTIONS[path] = conn
-    return conn
 
 
 def _image_row(result: CaptionResult, model_id: str, run_id: int, now: str) -> dict:

@@ -239,6 +239,26 @@ def test_decode_heic(tmp_path: Path):
     assert np.abs(result.pixels.astype(int) - expected).mean() < 8
 
 
+def test_heif_support_loads_only_when_a_heif_file_comes(tmp_path: Path):
+    """A folder of JPEGs never pays pillow-heif's import; the first HEIC loads it, by content."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    save(tmp_path / "phone.heic", Image.fromarray(UPRIGHT), quality=95)
+    (tmp_path / "phone.heic").rename(tmp_path / "misnamed.jpg")  # the content decides, not the name
+    save(tmp_path / "plain.jpg", Image.fromarray(UPRIGHT), quality=95)
+    script = f"""
+import sys
+from pathlib import Path
+from caption_cli.images import decode
+plain = decode(Path({str(tmp_path / "plain.jpg")!r}), 32)
+print(plain.error, "pillow_heif" in sys.modules)
+heif = decode(Path({str(tmp_path / "misnamed.jpg")!r}), 32)
+print(heif.error, "pillow_heif" in sys.modules, heif.width, heif.height)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["None False", "None True 64 48"]
+
+
 def grey16(tmp_path: Path) -> Path:
     ramp = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (30, 1))
     return save(tmp_path / "sixteen.png", Image.fromarray(ramp))

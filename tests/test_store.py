@@ -291,3 +291,30 @@ def test_two_processes_share_one_database(tmp_path: Path):
             alts = store.alternatives(row["id"])
             assert [a["caption"] for a in alts] == [row["caption"], row["caption"] + " again"]
             assert " ".join(word for word, _ in store.attention(row["id"])) == row["caption"]
+
+
+def test_start_up_imports_stay_lean(tmp_path: Path):
+    """The store never drags pandas in (sqlite-utils would, at 0.4 s of every command's start),
+    and a decode worker that unpickles the hash lookup loads neither sqlite-utils nor pandas."""
+    pytest.importorskip("pandas")  # without pandas installed there is nothing to keep out
+    import pickle
+    import subprocess
+    import sys
+
+    with Store(tmp_path / "c.db") as db:
+        lookup = pickle.dumps(db.hash_lookup("m1"))
+    store_script = "import sys, caption_cli.store as s; s.Store; print('pandas' in sys.modules)"
+    worker_script = (
+        "import pickle, sys; lookup = pickle.loads(sys.stdin.buffer.read()); "
+        "print(lookup('0' * 32), 'sqlite_utils' in sys.modules, 'pandas' in sys.modules)"
+    )
+
+    def run(script: str, data: bytes | None = None) -> list[str]:
+        return subprocess.run([sys.executable, "-c", script], input=data, capture_output=True,
+                              check=True).stdout.decode().split()
+
+    assert run(store_script) == ["False"]
+    assert run(worker_script, lookup) == ["False", "False", "False"]
+    # once something has loaded pandas, sqlite-utils is given it as usual
+    assert run("import pandas, sys, caption_cli.store; print(sys.modules['sqlite_utils.db'].pd is pandas)") \
+        == ["True"]
