@@ -53,5 +53,3 @@ def _lookup_connection(path: str) -> sqlite3.Connection:
                                check_same_thread=False)
         _LOOKUP_CONNECTIONS[path] = conn
     return conn
-
-
