@@ -373,12 +373,25 @@ def _open(data: bytes) -> Image.Image:
     does not, so opening the file through the plugin reads the header unchecked.
     """
     try:
-        return Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+        return Image.open(io.BytesIO(data), formats=_openable_formats())
     except Image.DecompressionBombError:
         if not data.startswith(_JPEG_MAGIC):
             raise
     # The first frame only, as for any JPEG: an MPO's first picture is this one too.
     return JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+
+
+def _openable_formats() -> tuple[str, ...]:
+    """PILLOW_FORMATS this process has a plugin for: HEIF only once register_heif() ran.
+
+    Image.open raises KeyError('HEIF') for an unknown format name instead of trying the
+    next one, so a fresh worker that meets a non-image file before any HEIC must not ask
+    for HEIF; the file then gets the usual 'not a supported image' row.
+    """
+    Image.preinit()  # JPEG, PNG, BMP, GIF
+    from PIL import TiffImagePlugin, WebPImagePlugin  # noqa: F401 - registers TIFF, WEBP
+
+    return tuple(name for name in PILLOW_FORMATS if name in Image.OPEN)
 
 
 def _check_decoded_size(image: Image.Image, header_pixels: int) -> None:

@@ -259,6 +259,22 @@ print(heif.error, "pillow_heif" in sys.modules, heif.width, heif.height)
     assert out.splitlines() == ["None False", "None True 64 48"]
 
 
+def test_a_fresh_process_reports_a_non_image_before_any_heif_was_seen(tmp_path: Path):
+    """A worker (or Ray task) that has not loaded pillow-heif still names the cause, not KeyError('HEIF')."""
+    (tmp_path / "notes.png").write_bytes(b"these are not the pixels you are looking for" * 4)
+    save(tmp_path / "plain.webp", Image.fromarray(UPRIGHT), quality=95)
+    script = f"""
+import sys
+from pathlib import Path
+from caption_cli.images import decode
+print(decode(Path({str(tmp_path / "notes.png")!r}), 32).error)
+print(decode(Path({str(tmp_path / "plain.webp")!r}), 32).error, "pillow_heif" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["not a supported image (content is not JPEG/PNG/WEBP/HEIF/TIFF/BMP/GIF)",
+                                "None False"]
+
+
 def grey16(tmp_path: Path) -> Path:
     ramp = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (30, 1))
     return save(tmp_path / "sixteen.png", Image.fromarray(ramp))
