@@ -107,13 +107,15 @@ def _replace_dir(ready: Path, out_dir: Path) -> None:
 def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Sequence[str], out_dir: Path, *,
                  name: str, max_length: int, search: dict | None = None, training: dict | None = None,
                  scores: dict | None = None, verify: Callable[[Path], Any] | None = None,
-                 half_decoder: bool = False) -> Path:
+                 half_decoder: bool = False, optimise_decoder: bool = True) -> Path:
     """Write the bundle to `out_dir` atomically and return its path.
 
     max_length: most tokens the search may generate per caption, <end> included.
     search: overrides of the default search options (beam_size, length_penalty, alternatives).
     half_decoder: store decoder.onnx's large weights as float16 (about half its size; it still
     computes in float32). The graph then matches half_decoder_reference(model), not `model`.
+    optimise_decoder: the decoder rewrites of export.decoder_passes (same maths, less time per
+    step); False writes the step exactly as traced.
     verify: called with the finished temporary folder before it is moved into place;
     raising there (e.g. a failed parity check) leaves `out_dir` as it was.
     """
@@ -127,7 +129,7 @@ def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Seque
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the bundle private to its writer
     try:
         export_encoder(model, backbone, tmp / FILES["encoder"])
-        export_decoder(model, tmp / FILES["decoder"], half_weights=half_decoder)
+        export_decoder(model, tmp / FILES["decoder"], half_weights=half_decoder, optimise=optimise_decoder)
         (tmp / FILES["vocab"]).write_text(json.dumps(list(vocab), ensure_ascii=False), encoding="utf-8")
         meta = _model_json(model, backbone, tmp, name=name, max_length=max_length, search=search or {},
                            training=training or {}, scores=scores or {}, half_decoder=half_decoder)

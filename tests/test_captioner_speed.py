@@ -13,6 +13,7 @@ import pytest
 from caption_cli.bundle import Bundle, load_bundle
 from caption_cli.captioner import PREFERRED_BATCH, Captioner
 from caption_cli.session import session_options
+from tests.conftest import TINY_MAX_LENGTH
 from tests.test_captioner import photos
 
 
@@ -69,10 +70,21 @@ def test_threads_sleep_instead_of_spinning():
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
-def test_rewritten_decoder_has_the_same_outputs_and_model_id(bundle: Bundle, tmp_path: Path):
+@pytest.fixture(scope="module")
+def plain_bundle(tiny_parts, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """The tiny model with its decoder exactly as traced (an older bundle, before the rewrites)."""
+    from export.bundle_writer import write_bundle
+
+    out = tmp_path_factory.mktemp("plain") / "bundle"
+    return load_bundle(write_bundle(tiny_parts.model, tiny_parts.backbone, tiny_parts.vocab, out, name="plain",
+                                    max_length=TINY_MAX_LENGTH, optimise_decoder=False))
+
+
+def test_rewritten_decoder_has_the_same_outputs_and_model_id(plain_bundle: Bundle, tmp_path: Path):
     pytest.importorskip("onnx")
     from export.decoder_passes import optimise_bundle_decoder
 
+    bundle = plain_bundle
     copy = tmp_path / "bundle"
     shutil.copytree(bundle.path, copy)
     done = optimise_bundle_decoder(copy)
@@ -92,11 +104,11 @@ def test_rewritten_decoder_has_the_same_outputs_and_model_id(bundle: Bundle, tmp
     assert json.loads((copy / "model.json").read_text())["weights_id"] == bundle.model_id.rsplit("@", 1)[1]
 
 
-def test_rewrite_finds_nothing_to_do_twice(bundle: Bundle):
+def test_rewrite_finds_nothing_to_do_twice(plain_bundle: Bundle):
     onnx = pytest.importorskip("onnx")
     from export.decoder_passes import optimise_decoder
 
-    proto = onnx.load(str(bundle.decoder_path))
+    proto = onnx.load(str(plain_bundle.decoder_path))
     assert optimise_decoder(proto) == {"attention_context_as_matmul": 1, "fold_embedding_into_gru": 1}
     assert optimise_decoder(proto) == {"attention_context_as_matmul": 0, "fold_embedding_into_gru": 0}
 

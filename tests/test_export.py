@@ -388,7 +388,7 @@ def half_parts(tiny_parts: TinyParts) -> TinyParts:
 def half_bundle(half_parts: TinyParts, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_bundle(half_parts.model, half_parts.backbone, half_parts.vocab,
                         tmp_path_factory.mktemp("half") / "bundle", name="half", max_length=TINY_MAX_LENGTH,
-                        search={"beam_size": 4}, half_decoder=True)
+                        search={"beam_size": 4}, half_decoder=True, optimise_decoder=False)
 
 
 def _initializers(path: Path) -> dict[str, np.ndarray]:
@@ -423,7 +423,7 @@ def test_half_decoder_stores_rounded_weights_as_float16(half_parts: TinyParts, h
     weight = half_parts.model.step.out.weight
     assert not torch.equal(weight, weight.half().float())
     # same inputs and outputs as the float32 graph, in about half the bytes
-    full = export_decoder(half_parts.model, tmp_path / "decoder32.onnx")
+    full = export_decoder(half_parts.model, tmp_path / "decoder32.onnx", optimise=False)
     io = lambda m: [(v.name, v.type) for v in list(m.graph.input) + list(m.graph.output)]  # noqa: E731
     assert io(proto) == io(onnx.load(str(full)))
     assert (half_bundle / "decoder.onnx").stat().st_size < 0.6 * full.stat().st_size
@@ -471,6 +471,30 @@ def test_export_checkpoint_half_decoder(tiny_checkpoint: Path, tmp_path: Path, f
     stored = _initializers(out / "decoder.onnx")
     assert stored["step.gru.weight_hh.float16"].dtype == np.float16  # 84 x 28: the tiny model's big ones
     assert meta["sha256"]["decoder.onnx"] == sha256(out / "decoder.onnx")
+
+
+def test_exported_decoder_is_rewritten_and_computes_what_the_traced_one_does(tiny_parts: TinyParts,
+                                                                            tmp_path: Path) -> None:
+    """write_bundle applies export.decoder_passes by default: nothing is left for them to do, and
+    every output of a step equals the plain trace's (the bundle's parity check judges this graph)."""
+    import onnxruntime as ort
+
+    from export.decoder_passes import optimise_decoder
+
+    plain = export_decoder(tiny_parts.model, tmp_path / "plain.onnx", optimise=False)
+    fast = export_decoder(tiny_parts.model, tmp_path / "fast.onnx")
+    assert optimise_decoder(onnx.load(str(plain))) == {"attention_context_as_matmul": 1, "fold_embedding_into_gru": 1}
+    assert optimise_decoder(onnx.load(str(fast))) == {"attention_context_as_matmul": 0, "fold_embedding_into_gru": 0}
+    cfg, rows = tiny_parts.model.cfg, 7
+    cells = cfg.grid[0] * cfg.grid[1]
+    rng = np.random.default_rng(4)
+    feed = {"token": rng.integers(0, cfg.vocab_size, rows),
+            "hidden": rng.standard_normal((rows, cfg.hidden_dim), dtype=np.float32),
+            "features": rng.standard_normal((rows, cells, cfg.encoder_dim), dtype=np.float32),
+            "keys": rng.standard_normal((rows, cells, cfg.attention_dim), dtype=np.float32)}
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)  # noqa: E731
+    for before, after in zip(run(plain), run(fast), strict=True):
+        np.testing.assert_allclose(after, before, atol=1e-5)
 
 
 def test_write_bundle_rejects_unknown_search_options(tiny_parts: TinyParts, tmp_path: Path) -> None:
