@@ -65,22 +65,26 @@ class Captioner:
     (None: on CUDA only; on the 2-core CPU it measured no faster, see benchmarks/README.md);
     without it the beam search runs over the whole batch at once.
     times: where the time went, summed over calls (CaptionTimes).
+    cpu_decoder: on a CPU, use the bundle's int8 decoder step (files.decoder_cpu) when it has
+    one; `bundle` is then that view (Bundle.for_device), so model_id names what really ran.
     """
 
     def __init__(self, bundle: Bundle, device: str = "auto", options: SearchOptions | None = None,
                  *, threads: int | None = None, encoder_chunk: int | None = None,
-                 overlap: bool | None = None) -> None:
+                 overlap: bool | None = None, cpu_decoder: bool = True) -> None:
         if encoder_chunk is not None and encoder_chunk < 1:
             raise ValueError(f"encoder_chunk must be at least 1, got {encoder_chunk}")
-        self.bundle = bundle
         self.options = (options or SearchOptions()).resolved(bundle.search_defaults)
         self._encoder = open_session(bundle.encoder_path, device, threads=threads)
-        # the decoder follows the encoder, so both run on the same device
-        self._decoder = open_session(bundle.decoder_path, session_device(self._encoder), threads=threads)
+        # the decoder follows the encoder, so both run on the same device; on a CPU it is
+        # the bundle's int8 step when it has one (and with it that step's model id)
+        on = session_device(self._encoder)
+        self.bundle = bundle.for_device(on) if cpu_decoder else bundle
+        self._decoder = open_session(self.bundle.decoder_path, on, threads=threads)
         self._encoder_io = bundle.tensor_names("encoder")
         self._decoder_io = bundle.tensor_names("decoder")
         _check_names(bundle, "encoder", self._encoder, self._encoder_io)
-        _check_names(bundle, "decoder", self._decoder, self._decoder_io)
+        _check_names(self.bundle, "decoder", self._decoder, self._decoder_io)
         special = bundle.special_tokens
         self._start, self._end = special["start"], special["end"]
         self._banned = never_emitted(special)

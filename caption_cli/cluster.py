@@ -232,7 +232,8 @@ class CaptionerActor:
         if bundle.model_id != model_id:
             raise BundleError(f"{bundle_path} on this node is {bundle.model_id}, but the driver's is {model_id}: "
                               "every node must see the same bundle at the same path")
-        self.captioner = Captioner(bundle, device, options, threads=threads)
+        # the float step on every node, so a mixed CPU/GPU cluster stores one model id
+        self.captioner = Captioner(bundle, device, options, threads=threads, cpu_decoder=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = len(batch["path"])
