@@ -109,3 +109,17 @@ def test_lookup_tables_become_int8_rows_with_a_scale_each(tiny_bundle: Path, tmp
     run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)  # noqa: E731
     for exact, rounded in zip(run(bundle.decoder_path), run(tmp_path / "step.onnx"), strict=True):
         np.testing.assert_allclose(rounded, exact, atol=0.05)
+
+
+def test_export_command_adds_the_int8_step_on_request(tiny_checkpoint: Path, tmp_path: Path):
+    pytest.importorskip("torch")
+    from typer.testing import CliRunner
+
+    from caption_cli.cli import app
+
+    result = CliRunner().invoke(app, ["export", str(tiny_checkpoint), "--out", str(tmp_path / "b"),
+                                      "--int8-cpu-decoder"])
+    assert result.exit_code == 0, result.output
+    assert "int8 CPU decoder added" in result.output
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.for_device("cpu").decoder_path.name == CPU_DECODER_FILE
