@@ -21,7 +21,7 @@ from training.scst import (ScstConfig, advantages, caption_rewards, mask_through
                            sample_captions, scst_loss, scst_step, train_scst)
 from training.train import resolve_config, train  # noqa: E402
 from training.vocab import END, PAD, Vocab, tokenize  # noqa: E402
-from tests.test_train import TINY, _dataset, shapes  # noqa: E402,F401  (shapes: the session's synthetic data set)
+from tests.test_train import TINY, _dataset, _without_one_train_image, shapes  # noqa: E402,F401  (shapes: the session's synthetic data set)
 
 # --- CIDEr-D -------------------------------------------------------------------
 
@@ -219,6 +219,18 @@ def test_resumed_scst_equals_an_uninterrupted_run(shapes: dict[str, Path], ce_ch
         assert torch.equal(one["model"][name], two["model"][name]), name
     source = torch.load(ce_checkpoint, weights_only=True)
     assert not torch.equal(one["model"]["step.out.weight"], source["model"]["step.out.weight"])
+
+
+def test_resumed_scst_refuses_other_data(shapes: dict[str, Path], ce_checkpoint: Path,  # noqa: F811
+                                         tmp_path: Path) -> None:
+    out = tmp_path / "scst"
+    train_scst(_dataset(shapes), _scst(shapes, out, epochs=1), ce_checkpoint, log=lambda line: None)
+    with pytest.raises(ValueError, match=r"last.pt was trained on other data \(8 train / 2 val images then, 7 / 2"):
+        train_scst(_without_one_train_image(shapes), _scst(shapes, out, epochs=2), ce_checkpoint, resume=True,
+                   log=lambda line: None)
+    # a fresh SCST run may use other data than its cross-entropy start: no check there
+    train_scst(_without_one_train_image(shapes), _scst(shapes, tmp_path / "other", epochs=1), ce_checkpoint,
+               log=lambda line: None)
 
 
 def test_scst_refuses_to_overwrite_its_source(shapes: dict[str, Path], ce_checkpoint: Path) -> None:  # noqa: F811

@@ -8,6 +8,7 @@ at 96 px (a 3x3 grid), extracted once per session into a shared cache.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import os
@@ -156,6 +157,26 @@ def test_resumed_run_equals_an_uninterrupted_one(shapes: dict[str, Path], tmp_pa
     assert one.keys() == two.keys()
     for name in one:
         assert torch.equal(one[name], two[name]), name
+
+
+def _without_one_train_image(shapes: dict[str, Path]):
+    """The data set as a run sees it when one training image has gone from --images."""
+    dataset = _dataset(shapes)
+    gone = dataset.split("train")[0].image_id
+    return dataclasses.replace(dataset, records=[r for r in dataset.records if r.image_id != gone])
+
+
+def test_resume_refuses_other_data(shapes: dict[str, Path], tmp_path: Path) -> None:
+    """A resumed run whose images partly vanished would go on training on another data set."""
+    out = tmp_path / "run"
+    cfg = resolve_config(None, {**TINY, "out": str(out), "cache": str(shapes["cache"]), "batch_size": 8, "epochs": 2})
+    train(_dataset(shapes), cfg, log=lambda line: None)
+    with pytest.raises(ValueError, match=r"last.pt was trained on other data \(8 train / 2 val images then, 7 / 2 now"):
+        train(_without_one_train_image(shapes), resolve_config(None, {**cfg.__dict__, "epochs": 3}), resume=True,
+              log=lambda line: None)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2  # untouched
+    train(_dataset(shapes), resolve_config(None, {**cfg.__dict__, "epochs": 3}), resume=True, log=lambda line: None)
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
 
 
 def test_unknown_option_is_an_error() -> None:

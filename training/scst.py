@@ -38,8 +38,8 @@ from training.cider import CiderD
 from training.datasets import DataSet
 from training.features import FeatureCache, extract_features
 from training.model import ModelConfig, ShowAttendTell
-from training.train import (Dist, device_for, encode_split, epoch_seed, evaluate_greedy, resolve_config,
-                            write_checkpoint)
+from training.train import (Dist, check_same_data, data_fingerprint, device_for, encode_split, epoch_seed,
+                            evaluate_greedy, resolve_config, write_checkpoint)
 from training.vocab import Vocab
 
 BASELINES = ("mean", "greedy")
@@ -237,7 +237,9 @@ def train_scst(dataset: DataSet, cfg: ScstConfig, source: Path, resume: bool = F
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)  # fresh: the cross-entropy moments do not apply
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "stale": 0, "history": []}
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint = data_fingerprint(train_records, val_records)
     if resumed:
+        check_same_data(checkpoint["scst"].get("data"), fingerprint, last)
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = {k: checkpoint[k] for k in state}
         log(f"resumed from {last}: epoch {state['epoch']}, step {state['step']}")
@@ -255,7 +257,7 @@ def train_scst(dataset: DataSet, cfg: ScstConfig, source: Path, resume: bool = F
             "model": model.state_dict(), "model_config": model.cfg.to_dict(), "backbone": backbone,
             "vocab": list(vocab.tokens), "train_config": {**base_config, "scst": dataclasses.asdict(cfg)},
             "optimizer": optimizer.state_dict(), "dataset": dataset_info,
-            "scst": {"source": origin}, **state, "scores": scores})
+            "scst": {"source": origin, "data": fingerprint}, **state, "scores": scores})
 
     images_per_step = max(1, cfg.batch_size // cfg.samples)
     steps_per_epoch = len(train_split.ids) // images_per_step

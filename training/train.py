@@ -8,6 +8,7 @@ early stopping, and the decision is broadcast so all ranks stop together.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -157,6 +158,31 @@ def to_tensors(split: EncodedSplit, pairs: np.ndarray,
     return grid, tokens[:, :length], torch.from_numpy(image_index).to(device)  # trim shared padding
 
 
+# --- resume: the same data -----------------------------------------------------
+
+def data_fingerprint(train_records: Sequence[Record], val_records: Sequence[Record]) -> dict[str, Any]:
+    """Which images and captions a run trains and selects on, saved in its checkpoints.
+
+    Images missing from --images are skipped with one warning line, so a resumed run
+    whose image folder lost a part (an unmounted disk, a dangling link) would quietly
+    go on training on another data set; the fingerprint lets resume refuse instead.
+    """
+    digest = hashlib.sha256()
+    for split, records in (("train", train_records), ("val", val_records)):
+        for record in sorted(records, key=lambda r: r.image_id):
+            digest.update(json.dumps([split, record.image_id, list(record.captions)]).encode())
+    return {"train_images": len(train_records), "val_images": len(val_records), "sha256": digest.hexdigest()}
+
+
+def check_same_data(saved: dict[str, Any] | None, now: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume on other data (checkpoints older than the fingerprint carry none)."""
+    if saved and saved["sha256"] != now["sha256"]:
+        raise ValueError(
+            f"{checkpoint} was trained on other data ({saved['train_images']} train / {saved['val_images']} val "
+            f"images then, {now['train_images']} / {now['val_images']} now: images missing from --images, or "
+            "another annotations file?); resume with the same data, or start a new run in another --out")
+
+
 # --- schedule, checkpoints -----------------------------------------------------
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -247,8 +273,10 @@ def train(dataset: DataSet, cfg: TrainConfig, resume: bool = False, log=print,
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "stale": 0, "history": []}
     last, best = out / "last.pt", out / "best.pt"
+    fingerprint = data_fingerprint(train_records, val_records)
     if resume and last.exists():
         checkpoint = torch.load(last, map_location=device, weights_only=False)
+        check_same_data(checkpoint["dataset"].get("fingerprint"), fingerprint, last)
         if tuple(checkpoint["vocab"]) != vocab.tokens:
             raise ValueError(f"{last} was trained with another vocabulary; resume with the same data and options")
         model.load_state_dict(checkpoint["model"])
@@ -257,7 +285,7 @@ def train(dataset: DataSet, cfg: TrainConfig, resume: bool = False, log=print,
         log(f"resumed from {last}: epoch {state['epoch']}, step {state['step']}")
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if ctx.world > 1 else model
     dataset_info = {"name": dataset_name, "images": len(train_records),
-                    "captions": int(len(train_split.pairs))}
+                    "captions": int(len(train_split.pairs)), "fingerprint": fingerprint}
     steps_per_epoch = sum(1 for _ in batches(train_split, cfg.batch_size, 0, cfg.seed, ctx))
     total_steps = steps_per_epoch * cfg.epochs
     if ctx.main:
