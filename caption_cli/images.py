@@ -477,12 +477,36 @@ class DecoderError(CaptionCliError):
     """
 
 
+def start_decoders(workers: int) -> ProcessPoolExecutor | None:
+    """Decode workers started now, before the model loads, to hand to decode_many later.
+
+    A spawned worker needs ~0.1-0.15 s to boot an interpreter and import Pillow and numpy;
+    started first, that happens while the parent builds its onnxruntime sessions instead
+    of before the first file decodes (the start of every `caption-cli annotate`). Each
+    worker gets one empty task, because ProcessPoolExecutor starts processes only as
+    tasks arrive. None for workers <= 0 (decoding in this process). The caller owns the
+    pool until it gives it to decode_many, and shuts it down if it never does.
+    """
+    if workers <= 0:
+        return None
+    pool = _spawn_pool(workers)
+    with _sigint_blocked():  # as in _OrderedDecoders._submit
+        for _ in range(workers):
+            pool.submit(_ready)
+    return pool
+
+
+def _ready() -> None:
+    """The empty task that makes a worker start (its import of this module is the work)."""
+
+
 def decode_many(
     paths: Iterable[Path],
     size: int,
     workers: int,
     prefetch: int | None = None,
     decode_fn: DecodeFn = decode,
+    pool: ProcessPoolExecutor | None = None,
 ) -> Iterator[DecodedImage]:
     """decode() every path in worker processes; results come back in input order.
 
@@ -493,13 +517,17 @@ def decode_many(
     decode_fn must be a top-level function, because workers import it by name (tests
     pass one that crashes on purpose). The generator must be consumed by a thread that
     outlives it: workers are tied to the thread that started them (see _init_worker).
+    pool, from start_decoders(workers) in the same thread, is used (and shut down) instead
+    of a new one.
     """
     if workers <= 0:
+        if pool is not None:
+            pool.shutdown(wait=False)
         for path in paths:
             yield decode_fn(path, size)
         return
     limit = max(1, prefetch or 4 * workers)
-    decoders = _OrderedDecoders(workers, size, decode_fn)
+    decoders = _OrderedDecoders(workers, size, decode_fn, pool)
     try:
         for path in paths:
             decoders.put(path)
@@ -523,7 +551,9 @@ class _OrderedDecoders:
     has finished a file in between, the workers are what is broken: DecoderError.
     """
 
-    def __init__(self, workers: int, size: int, decode_fn: DecodeFn) -> None:
+    def __init__(
+        self, workers: int, size: int, decode_fn: DecodeFn, pool: ProcessPoolExecutor | None = None
+    ) -> None:
         try:  # a lambda would fail once per file, in the workers: say so once, here
             pickle.dumps(decode_fn)
         except (pickle.PicklingError, AttributeError, TypeError) as exc:
@@ -534,7 +564,7 @@ class _OrderedDecoders:
         # Oldest first; a retried file holds its result instead of a future.
         self._pending: deque[tuple[Path, Future[DecodedImage] | DecodedImage]] = deque()
         self._deaths_in_a_row = 0  # files that killed a worker alone since one decoded
-        self._pool = self._new_pool()
+        self._pool = pool or _spawn_pool(workers)
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -608,17 +638,18 @@ class _OrderedDecoders:
         # shutdown(wait) joins the broken pool's manager thread, which has failed
         # or finished every one of its futures by then.
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = self._new_pool()
+        self._pool = _spawn_pool(self._workers)
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # Spawned, not forked: the parent may already hold onnxruntime threads, which
-        # a fork would copy mid-flight. Workers start on demand, as submits need them.
-        return ProcessPoolExecutor(
-            max_workers=self._workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(os.getpid(),),
-        )
+
+def _spawn_pool(workers: int) -> ProcessPoolExecutor:
+    # Spawned, not forked: the parent may already hold onnxruntime threads, which
+    # a fork would copy mid-flight. Workers start on demand, as submits need them.
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(os.getpid(),),
+    )
 
 
 def _lost(future: Future[DecodedImage]) -> bool:

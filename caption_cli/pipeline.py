@@ -139,6 +139,7 @@ def annotate(
     on_skip: SkipHandler | None = None,
     metadata_writer: Any | None = None,
     on_metadata: MetadataHandler | None = None,
+    decoder_pool: Any | None = None,
 ) -> Summary:
     """Caption every image under roots that the store does not already have.
 
@@ -148,7 +149,8 @@ def annotate(
     the stored captions of skipped files too (so a second run with --write-metadata,
     or one after a run killed between storing a batch and writing its metadata,
     still writes every file; the writer leaves files that already agree unchanged);
-    on_metadata sees its outcomes.
+    on_metadata sees its outcomes. decoder_pool is images.start_decoders(options.workers),
+    started by the caller before the model loaded so the workers are up by now.
     """
     options = options or AnnotateOptions()
     summary = Summary()
@@ -198,7 +200,8 @@ def annotate(
         # A batch's worth of files ahead: the workers keep decoding the next batch while
         # this one is captioned, instead of stopping a few files in.
         prefetch = options.prefetch or options.batch_size + 4 * options.workers
-        for decoded in decode_many(paths(), size, options.workers, prefetch=prefetch, decode_fn=decode_fn):
+        for decoded in decode_many(paths(), size, options.workers, prefetch=prefetch, decode_fn=decode_fn,
+                                  pool=decoder_pool):
             batcher.add(in_flight.popleft(), decoded)
             if batcher.ready(options.batch_size):
                 batcher.flush()

@@ -638,3 +638,22 @@ def test_runtime_works_without_torch_or_onnx(tiny_bundle: Path, photos: Path, tm
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Captioned 3, reused 0, skipped 0, failed 0")
     assert len(rows(db)) == 3
+
+
+def test_annotate_starts_the_decoders_before_the_model_loads(monkeypatch, photos: Path, db: Path):
+    # Their interpreters boot while the sessions are built, not after (images.start_decoders).
+    import multiprocessing
+
+    running_at_load = []
+
+    def load_captioner(*args, **kwargs):
+        running_at_load.append(len(multiprocessing.active_children()))
+        return FakeCaptioner()
+
+    monkeypatch.setattr(commands, "load_captioner", load_captioner)
+    result = run("annotate", photos, "--db", db, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert running_at_load == [2]
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM images WHERE status = 'ok'").fetchone() == (3,)
+    assert multiprocessing.active_children() == []
+    assert run("annotate", photos, "--db", db, "--workers", "0", "--force").exit_code == 0

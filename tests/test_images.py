@@ -494,6 +494,22 @@ def test_decode_many_in_workers_keeps_order_and_bounds_look_ahead(tmp_path: Path
             assert result.error is None and result.pixels[0, 0, 0] == i * 20
 
 
+def test_start_decoders_boots_workers_that_decode_many_then_uses_and_ends(tmp_path: Path):
+    import multiprocessing
+
+    from caption_cli.images import start_decoders
+
+    before = set(multiprocessing.active_children())
+    pool = start_decoders(2)
+    started = set(multiprocessing.active_children()) - before
+    assert len(started) == 2  # running before any file is given
+    paths = [photo(tmp_path / f"p{i}.png", color=(i * 40, 0, 0)) for i in range(5)]
+    results = list(decode_many(iter(paths), S, workers=2, pool=pool))
+    assert [r.pixels[0, 0, 0] for r in results] == [i * 40 for i in range(5)]
+    assert set(multiprocessing.active_children()) - before == set()  # shut down with the stream
+    assert start_decoders(0) is None
+
+
 def test_decode_many_without_workers(tmp_path: Path):
     paths = [photo(tmp_path / "a.png"), empty_file(tmp_path)]
     results = list(decode_many(iter(paths), S, workers=0))

@@ -385,8 +385,19 @@ def annotate(
         writer = None
         if write_metadata is not None:
             writer = stack.enter_context(_metadata_writer(write_metadata, dry_run))
+        pool = None
+        if ray is None:  # the workers boot while the sessions are built (images.start_decoders)
+            from caption_cli.images import start_decoders
+
+            pool = start_decoders(options.workers)
+            if pool is not None:
+                stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        prestarted = options.workers
         captioner = _captioner_or_exit(model, device, beam, alternatives, load)
         size_for_device(options, captioner, batch_size, workers)
+        if pool is not None and options.workers != prestarted:  # CUDA loaded: more decoders
+            pool.shutdown(wait=False, cancel_futures=True)
+            pool = None
         if dry_run:
             from caption_cli.store import DryRunStore
 
@@ -407,6 +418,7 @@ def annotate(
                 on_skip=reporter.skipped,
                 metadata_writer=writer,
                 on_metadata=reporter.metadata,
+                **({} if pool is None else {"decoder_pool": pool}),
             )
         except CaptionCliError as exc:
             _fail(str(exc))
