@@ -482,6 +482,16 @@ def test_info_score_lines_of_the_shipped_bundle():
     assert _score_lines({}, 3) == []
 
 
+def test_info_score_lines_name_every_test_set():
+    from caption_cli.commands.annotate import _score_lines
+
+    scores = {"split": "test", "dataset": "flickr8k", "beam_size": 3, "CIDEr": 0.5, "selection": "val CIDEr",
+              "more": [{"split": "test", "dataset": "coco (277 images)", "beam_size": 3, "CIDEr": 0.6, "BLEU-4": 0.2}]}
+    assert _score_lines(scores, 3) == ["test split · flickr8k", "beam 3 (default): CIDEr 0.500",
+                                       "coco (277 images) test, beam 3: BLEU-4 0.200, CIDEr 0.600",
+                                       "selected: val CIDEr"]
+
+
 # --------------------------------------------------------------------- subprocesses
 
 LAUNCHER = textwrap.dedent(

@@ -738,6 +738,9 @@ def _score_lines(scores: dict, default_beam: int | None) -> list[str]:
         elif shown:
             default = " (default)" if str(default_beam) == str(beam) else ""
             lines.append(f"beam {beam}{default}: {shown}")
+    for other in scores.get("more", []):  # further test sets, one line each
+        shown = ", ".join(f"{name} {other[name]:.3f}" for name in METRICS if isinstance(other.get(name), float))
+        lines.append(f"{other.get('dataset', '?')} {other.get('split', '')}, beam {other.get('beam_size', '?')}: {shown}")
     if scores.get("selection"):
         lines.append(f"selected: {scores['selection']}")
     return lines
