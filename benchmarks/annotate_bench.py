@@ -15,9 +15,13 @@ One run measures, on Flickr8k images (and with --big on 4000x3000 JPEG upscales 
       the hand-offs between stages cost nothing.
   (d) memory: annotate over a folder of --rss-images (10k) files in a fresh process; its peak
       RSS after --rss-first (1k) files and at the end.
-Targets (PASS/FAIL): annotate >= 15x the baseline; annotate >= 0.6 x 1/(1/decode + 1/encoder) on
+  (e) with --compare-model OLD: annotate with this bundle and with OLD on the same files, in
+      turns (--compare-rounds each), so a new model's speed is judged against the one it
+      replaces on the same machine in the same run.
+Targets (PASS/FAIL): annotate >= 15x the baseline; annotate >= 0.75 x 1/(1/decode + 1/encoder) on
 a CPU (decode and encoder share the cores) or >= 0.75 x min(decode, encoder) on a GPU; peak RSS
-grows under 50 MB from 1k to 10k images. Not run by CI: the numbers depend on the machine.
+grows under 50 MB from 1k to 10k images; annotate >= 0.6x the --compare-model bundle.
+Not run by CI: the numbers depend on the machine.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ TARGET_BASELINE = 15.0  # annotate / baseline
 TARGET_FLOOR_CPU = 0.75  # annotate / (1 / (1/decode + 1/encoder)), each stage at its best setting
 TARGET_FLOOR_GPU = 0.75  # annotate / min(decode, encoder)
 TARGET_RSS_GROWTH_MB = 50.0
+TARGET_VS_PREVIOUS = 0.6  # annotate with this bundle / annotate with --compare-model's
 CPUS = os.cpu_count() or 1
 ENCODER_SWEEP_BATCHES = (8, 16, 32)
 ENCODER_SWEEP_IMAGES = 256  # per setting of the sweep
@@ -534,9 +539,34 @@ def run_set(label: str, sources: list[Path], args: argparse.Namespace, captioner
         targets.insert(0, Target(f"{label}: annotate / baseline", annotated["rate"] / rate, TARGET_BASELINE, ">="))
     else:
         say("(a) seed-style baseline      skipped: give --checkpoint (the checkpoint the bundle came from)")
+    if args.compare_model:
+        result["compare"], versus = compare_bundles(label, tmp / label, args, captioner, tmp)
+        targets.append(versus)
     for target in targets:
         say(target.line("x"))
     return result, targets
+
+
+def compare_bundles(label: str, folder: Path, args: argparse.Namespace, captioner: Captioner,
+                    tmp: Path) -> tuple[dict, Target]:
+    """(e) annotate with this bundle and with --compare-model in turns on the same files: the
+    median of each, so drift in the machine's speed during the run hits both alike."""
+    other = Captioner(load_bundle(args.compare_model), args.device, SearchOptions(beam_size=args.beam))
+    options = measuring_options(batch_size=args.batch_size, workers=args.workers)
+    rates: dict[str, list[float]] = {"this": [], "other": []}
+    for round_ in range(args.compare_rounds):
+        for name, which in (("this", captioner), ("other", other)):
+            db = tmp / f"{label}-compare-{name}-{round_}.db"
+            with Store(db) as store:
+                summary = annotate([folder], which, store, options)
+            rates[name].append(summary.images_per_second)
+    medians = {name: float(np.median(values)) for name, values in rates.items()}
+    say(f"(e) annotate, this bundle    {medians['this']:8.1f} img/s   median of {', '.join(f'{r:.1f}' for r in rates['this'])}")
+    say(f"(e) annotate, {other.bundle.model_id:<14.14} {medians['other']:8.1f} img/s   median of "
+        f"{', '.join(f'{r:.1f}' for r in rates['other'])} (--compare-model, in turns with this bundle)")
+    result = {"model": other.bundle.model_id, "bundle": str(args.compare_model), "rates": rates, "medians": medians}
+    return result, Target(f"{label}: annotate / previous bundle", medians["this"] / medians["other"],
+                          TARGET_VS_PREVIOUS, ">=")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -554,6 +584,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small", type=int, metavar="PX", help="also run on PXxPX JPEG copies (e.g. 224)")
     parser.add_argument("--big-copies", type=int, help="distinct 12 MP copies to make/reuse (default 300; quick 16)")
     parser.add_argument("--quick", action="store_true", help="a small smoke-test run (64 images, memory 300/1000)")
+    parser.add_argument("--compare-model", type=Path, help="another bundle (e.g. the previous default) to "
+                        "annotate the same files with, in turns: prints this bundle's rate / that one's")
+    parser.add_argument("--compare-rounds", type=int, default=3, help="runs of each bundle for --compare-model")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--beam", type=int, help="beam size for annotate and the baseline (default: the bundle's)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="decoder processes (annotate's default)")
@@ -573,6 +606,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.model = args.model or DEFAULT_BUNDLE_DIR
     if not (args.model / "model.json").is_file():
         parser.error(f"--model {args.model}: no model bundle there (model.json missing)")
+    if args.compare_model and not (args.compare_model / "model.json").is_file():
+        parser.error(f"--compare-model {args.compare_model}: no model bundle there (model.json missing)")
+    if args.compare_rounds < 1:
+        parser.error("--compare-rounds must be >= 1")
     if args.checkpoint and not args.checkpoint.is_file():
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
     if not args.flickr8k.is_dir():

@@ -20,7 +20,9 @@ Rules (the tests check them against a per-image reference search):
 - at step 0 the K beams of an image are identical, so only beam 0 is expanded
   (the others start at -inf) and no duplicate hypotheses appear;
 - banned ids (the runtime passes `never_emitted`: <pad>, <start>, <unk>) are never emitted,
-  nor <end> as the first word (no empty caption);
+  nor <end> as the first word (no empty caption), nor <end> right after a word of
+  `no_end_after` (the bundle's words that never end a training caption: "a", "the", "of";
+  a caption cut at "playing in a" is worse alt text than a longer one);
 - an image is done when its holder is full and its worst score is >= the best running
   sum normalised at the current length (transformers' default `early_stopping=False`
   rule). With K = 1 this makes the search exactly the greedy argmax chain.
@@ -189,13 +191,25 @@ def _best_expansions(logprobs: np.ndarray, sums: np.ndarray, n_top: int,
     return np.take_along_axis(flat, best, axis=1), np.take_along_axis(scores, best, axis=1)
 
 
+def _no_end_after(logprobs: np.ndarray, token: np.ndarray, unfinished: np.ndarray, end_id: int) -> np.ndarray:
+    """logprobs with <end> at -inf on the rows whose last word is one of `unfinished`."""
+    rows = np.isin(token, unfinished)
+    if not rows.any():
+        return logprobs
+    if not logprobs.flags.writeable:  # a buffer onnxruntime still owns
+        logprobs = logprobs.copy()
+    logprobs[rows, end_id] = -np.inf
+    return logprobs
+
+
 def beam_search(step: StepFn, features: np.ndarray, keys: np.ndarray, hidden0: np.ndarray,
                 options: SearchOptions, *, start_id: int, end_id: int,
-                banned_ids: Sequence[int] = ()) -> list[list[Hypothesis]]:
+                banned_ids: Sequence[int] = (), no_end_after: Sequence[int] = ()) -> list[list[Hypothesis]]:
     """Caption N images at once.
 
     features: float32 [N, L, E]; keys: float32 [N, L, A]; hidden0: float32 [N, H]
     (the encoder's outputs). banned_ids: tokens never emitted (<pad>, <start>).
+    no_end_after: tokens after which <end> may not come (a caption never ends on them).
     Returns, per image, its best `options.alternatives` hypotheses, best first.
     """
     if not options.complete:
@@ -209,6 +223,7 @@ def beam_search(step: StepFn, features: np.ndarray, keys: np.ndarray, hidden0: n
     holders = [NBest(k, options.length_penalty) for _ in range(n_images)]
     forbidden = np.array(sorted({*banned_ids, start_id}), dtype=np.int64)
     forbidden_first = np.union1d(forbidden, [end_id])  # the first step must say at least one word
+    unfinished = np.array(sorted(set(no_end_after)), dtype=np.int64)
 
     active = np.arange(n_images)  # [B]: image index of each active image (B shrinks)
     feats = np.repeat(features, k, axis=0)  # [B*K, L, E]
@@ -222,6 +237,8 @@ def beam_search(step: StepFn, features: np.ndarray, keys: np.ndarray, hidden0: n
 
     for t in range(options.max_length):
         logprobs, hidden_out, attention = step(token, hidden, feats, kys)  # [B*K, V], [B*K, H], [B*K, L]
+        if unfinished.size:
+            logprobs = _no_end_after(logprobs, token, unfinished, end_id)
         b, vocab = len(active), logprobs.shape[1]
         n_top = 2 * k  # at most K of them are <end> (one per beam), so >= K continue
         top, top_scores = _best_expansions(logprobs, sums, n_top, forbidden if t > 0 else forbidden_first)

@@ -103,6 +103,14 @@ class Bundle:
         return None if meta is None else Calibration.from_meta(meta)
 
     @property
+    def no_end_after(self) -> tuple[int, ...]:
+        """Token ids after which a caption may not end (model.json `search.no_end_after`,
+        words; absent in older bundles, which then have no such rule)."""
+        words = self.meta["search"].get("no_end_after", [])
+        index = {word: i for i, word in enumerate(self.vocab)}
+        return tuple(sorted(index[word] for word in words))
+
+    @property
     def search_defaults(self) -> SearchOptions:
         search = self.meta["search"]
         return SearchOptions(beam_size=search["beam_size"], alternatives=search["alternatives"],
@@ -128,6 +136,7 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
     _check_fields(meta_path, meta)
     _verify_files(folder, meta_path, meta)
     vocab = _read_vocab(folder / meta["files"]["vocab"], meta)
+    _check_no_end_after(meta_path, meta, vocab)
     return Bundle(path=folder, meta=meta, vocab=vocab)
 
 
@@ -255,6 +264,18 @@ def _verify_files(folder: Path, meta_path: Path, meta: dict) -> None:
         if actual != expected.lower():
             raise BundleError(f"{file}: sha256 mismatch (model.json says {expected[:12]}..., the file has "
                               f"{actual[:12]}...); the file is damaged or was changed")
+
+
+def _check_no_end_after(meta_path: Path, meta: dict, vocab: list[str]) -> None:
+    """search.no_end_after, when present, lists ordinary words of this vocabulary."""
+    words = meta["search"].get("no_end_after", [])
+    if not (isinstance(words, list) and all(isinstance(word, str) for word in words)):
+        raise BundleError(f"{meta_path}: search.no_end_after must be a list of words")
+    known, specials = set(vocab), set(SPECIAL_TOKENS.values())
+    for word in words:
+        if word not in known or word in specials:
+            raise BundleError(f"{meta_path}: search.no_end_after names {word!r}, which is not an ordinary word "
+                              f"of vocab.json")
 
 
 def _read_vocab(path: Path, meta: dict) -> list[str]:

@@ -88,6 +88,7 @@ class Captioner:
         special = bundle.special_tokens
         self._start, self._end = special["start"], special["end"]
         self._banned = never_emitted(special)
+        self._no_end_after = bundle.no_end_after
         self._calibration = bundle.calibration
         on_cuda = self.device == "cuda"
         self.encoder_chunk = encoder_chunk or (CUDA_ENCODER_CHUNK if on_cuda else CPU_ENCODER_CHUNK)
@@ -201,7 +202,8 @@ class Captioner:
         started = time.perf_counter()
         try:
             return beam_search(self.step, features, keys, hidden0, self.options,
-                               start_id=self._start, end_id=self._end, banned_ids=self._banned)
+                               start_id=self._start, end_id=self._end, banned_ids=self._banned,
+                               no_end_after=self._no_end_after)
         finally:
             self.times.search += time.perf_counter() - started
 

@@ -245,6 +245,40 @@ def test_flat_indices_split_into_beam_and_word_by_hand():
     assert [[h.tokens for h in hs] for hs in greedy] == [[[A_]], [[A_]]]
 
 
+def test_no_end_after_a_word_that_never_ends_a_caption():
+    # "b a" then <end> is the best caption (.9 * .9 * .8); with "a" in no_end_after the search
+    # must say one more word after "a", so "b a c" (.9 * .9 * .2 * 1) wins, and no caption,
+    # alternatives included, ends on "a".
+    c = 6
+    step = markov_step({START: {B_: 0.9, A_: 0.1}, B_: {A_: 0.9, END: 0.1}, A_: {END: 0.8, c: 0.2}, c: {END: 1.0}})
+    features, keys, hidden = encoder_outputs(2, 0)
+    options = SearchOptions(beam_size=3, alternatives=3, max_length=6, length_penalty=0.0)
+    plain = beam_search(step, features, keys, hidden, options, start_id=START, end_id=END, banned_ids=BANNED)
+    assert plain[0][0].tokens == [B_, A_]
+    ruled = beam_search(step, features, keys, hidden, options, start_id=START, end_id=END, banned_ids=BANNED,
+                        no_end_after=[A_])
+    for hypotheses in ruled:
+        assert [h.tokens for h in hypotheses] == [[B_, A_, c], [B_], [A_, c]]
+        assert hypotheses[0].score == pytest.approx(math.log(0.9 * 0.9 * 0.2 * 1.0), rel=1e-6)
+
+
+def test_no_end_after_leaves_other_rows_alone_and_copies_a_read_only_step_output():
+    table = {START: {A_: 0.6, B_: 0.4}, A_: {END: 0.7, B_: 0.3}, B_: {END: 0.9, A_: 0.1}}
+    plain_step = markov_step(table)
+
+    def read_only_step(token, hidden, features, keys):
+        logprobs, hidden_out, attention = plain_step(token, hidden, features, keys)
+        logprobs.flags.writeable = False  # as a buffer the runtime does not own
+        return logprobs, hidden_out, attention
+
+    features, keys, hidden = encoder_outputs(1, 0)
+    options = SearchOptions(beam_size=2, alternatives=2, max_length=5, length_penalty=0.0)
+    found = beam_search(read_only_step, features, keys, hidden, options, start_id=START, end_id=END,
+                        banned_ids=BANNED, no_end_after=[A_])
+    # "b" may still end a caption, "a" may not: [b] (.4 * .9) and [a, b] (.6 * .3 * .9)
+    assert [h.tokens for h in found[0]] == [[B_], [A_, B_]]
+
+
 def test_alternatives_are_the_best_first_prefix():
     all_of_them = run_batched(FakeDecoder(3, end_weight=1.5), 2, 3, beam_size=4, alternatives=4,
                               max_length=8, length_penalty=0.7)

@@ -142,6 +142,23 @@ def test_invalid_model_json_fields(tmp_path: Path, changes: dict, fragment: str)
     assert fragment in message
 
 
+def test_no_end_after_words_become_token_ids(tmp_path: Path):
+    search = {"beam_size": 3, "length_penalty": 0.7, "alternatives": 2, "no_end_after": ["a", "runs"]}
+    assert load_bundle(make_bundle(tmp_path / "b", search=search)).no_end_after == (4, 6)
+    assert load_bundle(make_bundle(tmp_path / "old")).no_end_after == ()  # older bundles: no rule
+
+
+@pytest.mark.parametrize("words, fragment", [
+    (["a", "cat"], "search.no_end_after names 'cat', which is not an ordinary word of vocab.json"),
+    (["<end>"], "search.no_end_after names '<end>', which is not an ordinary word of vocab.json"),
+    ("a", "search.no_end_after must be a list of words"),
+])
+def test_no_end_after_must_name_ordinary_vocabulary_words(tmp_path: Path, words, fragment: str):
+    search = {"beam_size": 3, "length_penalty": 0.7, "alternatives": 2, "no_end_after": words}
+    folder = make_bundle(tmp_path / "b", search=search)
+    assert error_of(folder) == f"{folder / 'model.json'}: {fragment}"
+
+
 def test_hash_entry_outside_the_folder_is_refused(tmp_path: Path):
     folder = make_bundle(tmp_path / "b")
     meta = json.loads((folder / "model.json").read_text())
