@@ -176,3 +176,21 @@ def test_images_deleted_later_come_from_history_and_the_largest_copy_wins(tmp_pa
     assert provenance["1"] == f"aa/resized@{first_commit}:data/resized2014/COCO_val2014_000000000001.jpg"
     assert provenance["3"] == f"aa/resized@{mirror.head_commit(small)}:data/resized2014/COCO_val2014_000000000003.jpg"
     assert provenance["2"].startswith("zz/originals@")
+
+
+def test_bare_id_folders_count_only_for_the_repository_they_were_checked_in(tmp_path: Path) -> None:
+    root = tmp_path / "mirrors"
+    albef = [{"image": name(i), "caption": [f"Picture {i}."]} for i in (1, 2)]
+    bare_mirror(root, "data-ming-and-application/CVLR-RD", {"data/coco_test.json": json.dumps(albef).encode()})
+    bare_mirror(root, "xiaodanlu/Deep-Learning-Project-Image-captioning",
+                {"coco_images/000000000001.jpg": jpeg((40, 30), "green")})
+    bare_mirror(root, "someone/else", {"coco_images/000000000002.jpg": jpeg()})  # same layout, unchecked repo
+
+    out = tmp_path / "coco"
+    summary = coco.prepare(root, out)
+
+    assert summary["on_disk"] == {"train": 1, "val": 0, "test": 0}
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000000001.jpg"]
+    provenance = json.loads((out / "provenance.json").read_text())["images"]
+    assert provenance["1"].startswith("xiaodanlu/Deep-Learning-Project-Image-captioning@")
+    assert provenance["1"].endswith(":coco_images/000000000001.jpg")

@@ -83,6 +83,15 @@ IMAGE_PATH = re.compile(
     re.IGNORECASE,
 )
 ID_IN_NAME = re.compile(r"(\d{12})\.jpe?g$", re.IGNORECASE)
+# Folders that hold COCO photos under bare `<12-digit id>.jpg` names, accepted only for the
+# repository named: a bare number elsewhere may be anything (an edited copy, another data
+# set). Both were checked: every file decodes, its pixel size equals the official
+# captions_val2017.json width/height, and ids also held by other mirrors look the same
+# (32x32 grey thumbnails differ by 0.12 grey levels against 71 between different ids).
+BARE_ID_FOLDERS = {
+    "xiaodanlu/Deep-Learning-Project-Image-captioning": re.compile(r"^coco_images/(?P<id>\d{12})\.jpe?g$"),  # 2,693 val2017
+    "M-SaiCharan/Caption-Generator": re.compile(r"^Images/(?P<id>\d{12})\.jpe?g$"),  # 85 val2017 originals
+}
 
 
 class PrepareError(RuntimeError):
@@ -191,14 +200,18 @@ Copies = dict[int, list[tuple[str, mirror.HistoryFile]]]  # COCO id -> [(owner/n
 def image_candidates(mirrors: list[tuple[str, Path]], wanted: set[int]) -> Copies:
     """COCO id -> [(owner/name, file)] of every copy the mirrors hold, in any commit, largest blob first.
 
+    A copy is a file whose path names a COCO image (IMAGE_PATH), or a bare id in a folder
+    of BARE_ID_FOLDERS for that repository.
+
     A mirror's files come from its whole history (a data folder committed and deleted later
     still counts). The largest blob first: a full-size original beats a 256 px copy of it.
     """
     found: Copies = {}
     for repo, git_dir in mirrors:
         seen: set[int] = set()
+        bare = BARE_ID_FOLDERS.get(repo)
         for item in mirror.history_files(git_dir):
-            match = IMAGE_PATH.search(item.path)
+            match = IMAGE_PATH.search(item.path) or (bare.search(item.path) if bare else None)
             if match and (image_id := int(match["id"])) in wanted and image_id not in seen:
                 seen.add(image_id)
                 found.setdefault(image_id, []).append((repo, item))
