@@ -239,27 +239,50 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, name: str | None = Non
     )
 
 
-def set_calibration(bundle_dir: Path, calibration: dict) -> Path:
-    """Write `calibration` into an existing bundle's model.json, atomically, then re-verify.
+def update_model_json(bundle_dir: Path, change: Callable[[dict], None]) -> Path:
+    """Apply `change` to an existing bundle's model.json, write it atomically, then re-verify.
 
-    The ONNX files and their hashes are untouched, so the model id (and every stored
-    caption's resume key) stays the same; only the confidence map changes.
+    For what is measured or fitted after export (calibration, scores, search rules): the
+    ONNX files and their hashes are untouched, so the model id (and every stored caption's
+    resume key) stays the same. A change the runtime would refuse is rolled back.
     """
     from caption_cli.bundle import load_bundle
-    from caption_cli.confidence import Calibration
 
     meta_path = Path(bundle_dir) / "model.json"
-    Calibration.from_meta(calibration, str(meta_path))  # refused before the bundle is touched
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    meta["calibration"] = calibration
-    handle, temporary = tempfile.mkstemp(prefix=".model.json.", dir=meta_path.parent)
+    before = meta_path.read_text(encoding="utf-8")
+    meta = json.loads(before)
+    change(meta)
+    _write_atomically(meta_path, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    try:
+        load_bundle(bundle_dir)  # the whole bundle still verifies
+    except CaptionCliError:
+        _write_atomically(meta_path, before)
+        raise
+    return meta_path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-        os.chmod(temporary, meta_path.stat().st_mode & 0o7777)
-        os.replace(temporary, meta_path)
+            stream.write(text)
+        os.chmod(temporary, path.stat().st_mode & 0o7777)
+        os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    load_bundle(bundle_dir)  # the whole bundle still verifies
-    return meta_path
+
+
+def set_calibration(bundle_dir: Path, calibration: dict) -> Path:
+    """Write `calibration` into an existing bundle's model.json (only the confidence map changes)."""
+    from caption_cli.confidence import Calibration
+
+    Calibration.from_meta(calibration, str(Path(bundle_dir) / "model.json"))  # refused before the bundle is touched
+    return update_model_json(bundle_dir, lambda meta: meta.__setitem__("calibration", calibration))
+
+
+def set_scores(bundle_dir: Path, scores: dict) -> Path:
+    """Record scores measured on the bundle itself (model.json `scores`; `info` prints them)."""
+    if not isinstance(scores, dict):
+        raise ExportError(f"scores must be a JSON object, got {type(scores).__name__}")
+    return update_model_json(bundle_dir, lambda meta: meta.__setitem__("scores", scores))

@@ -16,9 +16,6 @@ Only the train split is read; the rate is chosen on val (docs/training.md).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,27 +44,14 @@ def never_final_words(captions: Iterable[str], vocab: Iterable[str], *, max_rate
 
 
 def set_no_end_after(bundle_dir: Path, words: list[str]) -> Path:
-    """Write `search.no_end_after` into a bundle's model.json atomically, then re-verify it.
+    """Write `search.no_end_after` into a bundle's model.json; a word outside its vocabulary is refused.
 
     The ONNX files are untouched, so the model id stays; captions that used to end on one
     of these words change (re-run `calibrate` afterwards: the confidence map reads them).
     """
-    from caption_cli.bundle import load_bundle
+    from export.bundle_writer import update_model_json
 
-    meta_path = Path(bundle_dir) / "model.json"
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    meta["search"]["no_end_after"] = list(words)
-    handle, temporary = tempfile.mkstemp(prefix=".model.json.", dir=meta_path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-        os.chmod(temporary, meta_path.stat().st_mode & 0o7777)
-        os.replace(temporary, meta_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    load_bundle(bundle_dir)  # refuses a word outside the vocabulary, and checks the rest
-    return meta_path
+    return update_model_json(bundle_dir, lambda meta: meta["search"].__setitem__("no_end_after", list(words)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -184,3 +184,20 @@ def test_calibrate_never_fits_on_test():
     result = CliRunner().invoke(app, ["calibrate", "--split", "test"])
     assert result.exit_code == 2
     assert "never fit on the test split" in result.output
+
+
+def test_set_scores_records_measured_scores_and_refuses_a_non_object(tiny_bundle: Path, tmp_path: Path):
+    pytest.importorskip("torch")
+    from export.bundle_writer import ExportError, set_scores
+
+    bundle_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, bundle_dir)
+    model_id = load_bundle(bundle_dir).model_id
+    scores = {"split": "test", "dataset": "made up", "beam_size": 3, "CIDEr": 0.5,
+              "more": [{"split": "test", "dataset": "other", "beam_size": 3, "CIDEr": 0.4}]}
+    set_scores(bundle_dir, scores)
+    assert load_bundle(bundle_dir).meta["scores"] == scores
+    assert load_bundle(bundle_dir).model_id == model_id
+    with pytest.raises(ExportError, match="scores must be a JSON object"):
+        set_scores(bundle_dir, [0.5])  # type: ignore[arg-type]
+    assert load_bundle(bundle_dir).meta["scores"] == scores

@@ -36,6 +36,7 @@ def test_the_list_is_written_into_the_bundle_and_the_bundle_still_verifies(tiny_
     assert loaded.no_end_after == (4, 5)
     with pytest.raises(BundleError, match="not an ordinary word"):
         set_no_end_after(bundle, ["no-such-word-in-the-vocabulary"])
+    assert load_bundle(bundle).no_end_after == (4, 5)  # the refused change was rolled back
 
 
 def test_the_command_reads_only_the_train_split(tiny_bundle: Path, tmp_path: Path, capsys):
