@@ -21,8 +21,8 @@ Rules (the tests check them against a per-image reference search):
   (the others start at -inf) and no duplicate hypotheses appear;
 - banned ids (the runtime passes `never_emitted`: <pad>, <start>, <unk>) are never emitted,
   nor <end> as the first word (no empty caption), nor <end> right after a word of
-  `no_end_after` (the bundle's words that never end a training caption: "a", "the", "of";
-  a caption cut at "playing in a" is worse alt text than a longer one);
+  `no_end_after` (the bundle's words that almost never end a training caption: "a", "the",
+  "of"; a caption cut at "playing in a" is worse alt text than a longer one);
 - an image is done when its holder is full and its worst score is >= the best running
   sum normalised at the current length (transformers' default `early_stopping=False`
   rule). With K = 1 this makes the search exactly the greedy argmax chain.
