@@ -10,6 +10,8 @@ that need no bundle run without it.
 
 from __future__ import annotations
 
+import signal
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,3 +96,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_parts: TinyPa
         "optimizer": optimizer.state_dict(),
     }, path)
     return path
+
+
+def sigint_as_in_a_terminal() -> None:
+    """Popen preexec_fn for tests that send Ctrl-C to a child: restore SIGINT's default.
+
+    A test run started in the background by a non-interactive shell (`pytest &`) inherits
+    SIGINT ignored, and a Python started that way never raises KeyboardInterrupt; the
+    child of a user's terminal gets the default, which is what these tests are about.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -478,7 +478,7 @@ def test_info_score_lines_of_the_shipped_bundle():
     assert lines[0].startswith("test split · flickr8k (Karpathy split, 1000 images) · onnxruntime")
     assert lines[1].startswith("beam 3 (default): ")
     assert f"BLEU-4 {meta['scores']['by_beam']['3']['BLEU-4']:.3f}" in lines[1]
-    assert lines[2].startswith("COCO Karpathy test (277 of 5000 images reached) test, beam 3: ")
+    assert lines[2].startswith(f"{meta['scores']['more'][0]['dataset']} test, beam 3: ")
     assert lines[-1].startswith("selected: ")
     assert _score_lines({}, 3) == []
 

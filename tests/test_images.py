@@ -19,6 +19,7 @@ from caption_cli import images
 from caption_cli.errors import CaptionCliError
 from caption_cli.images import decode, decode_many, walk
 from caption_cli.preprocess import model_pixels
+from tests.conftest import sigint_as_in_a_terminal
 
 S = 32  # model image size used in these tests
 
@@ -652,6 +653,7 @@ def start_parent(tmp_path: Path, mode: str) -> subprocess.Popen:
         text=True,
         env={**os.environ, "PYTHONPATH": python_path},
         start_new_session=True,  # its own process group, as a shell job has
+        preexec_fn=sigint_as_in_a_terminal,
     )
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from caption_cli.pipeline import AnnotateOptions
 from caption_cli.store import Store
 from caption_cli.watch import Settler, WatchOptions, WatchTotals, watch
+from tests.conftest import sigint_as_in_a_terminal
 from tests.test_cli_annotate import _count_ok, _env, launcher  # noqa: F401 - fixture
 from tests.test_pipeline import FakeCaptioner, make_photos
 
@@ -165,7 +166,7 @@ def test_cli_watch_stops_cleanly_on_ctrl_c(launcher: Path, tmp_path: Path):
     make_photos(root, 2)
     process = subprocess.Popen(
         [sys.executable, str(launcher), "watch", str(root), "--db", str(db), "--settle", "0.2", "--workers", "0"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal,
     )
     try:
         wait_for(lambda: _count_ok(db) == 2 or process.poll() is not None)
