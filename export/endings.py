@@ -56,11 +56,11 @@ def set_no_end_after(bundle_dir: Path, words: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     from caption_cli.bundle import load_bundle
-    from training import datasets
+    from caption_cli.commands.training import DataKind, load_data
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path, help="bundle folder whose model.json gets search.no_end_after")
-    parser.add_argument("--data", default="flickr8k", help="flickr8k, karpathy, coco, flickr or kaggle")
+    parser.add_argument("--data", default="flickr8k", choices=[kind.value for kind in DataKind])
     parser.add_argument("--root", type=Path, help="Flickr8k folder (--data flickr8k)")
     parser.add_argument("--annotations", type=Path, help="captions file (other --data kinds)")
     parser.add_argument("--images", type=Path, help="image folder (other --data kinds)")
@@ -69,13 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the words, change nothing")
     args = parser.parse_args(argv)
 
-    if args.data == "flickr8k":
-        dataset = datasets.flickr8k(args.root or Path("../shared/data/flickr8k"))
-    else:
-        if args.annotations is None or args.images is None:
-            parser.error(f"--data {args.data} needs --annotations and --images")
-        field = {"flickr": "tokens", "kaggle": "captions"}.get(args.data, "annotations")
-        dataset = datasets.load_dataset(args.data, images=args.images, **{field: args.annotations})
+    if args.data != "flickr8k" and (args.annotations is None or args.images is None):
+        parser.error(f"--data {args.data} needs --annotations and --images")
+    dataset = load_data(DataKind(args.data), args.root, args.images, args.annotations, None)  # as `train` reads it
     captions = [caption for record in dataset.split("train") for caption in record.captions]
     words = never_final_words(captions, load_bundle(args.bundle).vocab, max_rate=args.max_rate,
                               min_count=args.min_count)

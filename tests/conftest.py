@@ -11,7 +11,6 @@ that need no bundle run without it.
 from __future__ import annotations
 
 import signal
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
