@@ -49,8 +49,20 @@ def test_cache_matches_pytorch_and_resumes(photos, tmp_path) -> None:
     assert (again.get([ids[0]]) == 7.0).all()
 
 
-def test_cache_refuses_other_images(photos, tmp_path) -> None:
-    spec = spec_for("efficientnet-lite0", SIZE)
-    FeatureCache(tmp_path / "cache", spec, ["a.png", "b.png"])
-    with pytest.raises(ValueError, match="was built for other images \\(1 not in it\\)"):
-        FeatureCache(tmp_path / "cache", spec, ["a.png", "c.png"])
+def test_cache_grows_with_the_data_set_and_keeps_computed_rows(photos, tmp_path) -> None:
+    ids = sorted(p.name for p in photos.iterdir())
+    first = extract_features(photos, ids[:3], tmp_path / "cache", "efficientnet-lite0", SIZE)
+    first.grids[0] = 7.0  # marks a row computed before the data set grew
+    first.grids.flush()
+    del first
+
+    grown = FeatureCache(tmp_path / "cache", spec_for("efficientnet-lite0", SIZE), ids)
+    assert grown.ids == ids and grown.missing() == ids[3:]  # old rows in place, new ones appended, not done
+    again = extract_features(photos, ids, tmp_path / "cache", "efficientnet-lite0", SIZE)
+    assert again.missing() == [] and again.grids.shape == (5, 4, 1280)
+    assert (again.get([ids[0]]) == 7.0).all()  # never recomputed
+    assert np.abs(again.get(ids[3:])).sum() > 0
+
+    # a subset of what the cache holds needs nothing new
+    subset = FeatureCache(tmp_path / "cache", spec_for("efficientnet-lite0", SIZE), ids[1:2])
+    assert subset.ids == ids and subset.missing() == []

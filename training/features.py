@@ -4,13 +4,15 @@ Layout of one cache (a folder per backbone + image size):
     grids.f16    float16 memmap [N, L, D]
     done.u8      uint8 memmap [N], 1 once row i is written (resume after a kill)
     index.json   {"backbone", "image_size", "grid", "channels", "ids": [image id per row]}
-An image id is the image's path relative to the data set's image folder.
+An image id is the image's path relative to the data set's image folder. A data set that grows
+(more images gathered) appends rows: the grids already computed keep their place and are reused.
 The backbone runs through onnxruntime: 3-4x faster than eager PyTorch on a CPU.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,17 +68,16 @@ class FeatureCache:
         index_path = self.folder / "index.json"
         if index_path.exists():
             index = json.loads(index_path.read_text())
-            known = list(index["ids"])
-            extra = sorted(set(ids) - set(known))
-            if extra:  # a new image set: start a fresh cache rather than reshuffle rows
-                raise ValueError(f"{self.folder} was built for other images ({len(extra)} not in it); "
-                                 "use another --cache folder")
-            self.ids = known
+            self.ids = list(index["ids"])
+            known = set(self.ids)
+            extra = sorted(set(ids) - known)
+            if extra:
+                self._append_rows(index, extra)
         else:
             self.ids = list(ids)
             index = {"backbone": spec.name, "image_size": spec.image_size, "grid": list(spec.grid),
                      "channels": spec.channels, "ids": self.ids}
-            index_path.write_text(json.dumps(index))
+            _write_json(index_path, index)
         self.row = {image_id: i for i, image_id in enumerate(self.ids)}
         L = spec.grid[0] * spec.grid[1]
         shape = (len(self.ids), L, spec.channels)
@@ -84,6 +85,17 @@ class FeatureCache:
         self.grids = np.memmap(self.folder / "grids.f16", dtype=np.float16, mode=mode, shape=shape)
         mode = "r+" if (self.folder / "done.u8").exists() else "w+"
         self.done = np.memmap(self.folder / "done.u8", dtype=np.uint8, mode=mode, shape=(len(self.ids),))
+
+    def _append_rows(self, index: dict, extra: list[str]) -> None:
+        """Grow the files first, then the index (atomically): a kill in between leaves a usable cache."""
+        count = len(self.ids) + len(extra)
+        row_bytes = self.spec.grid[0] * self.spec.grid[1] * self.spec.channels * np.dtype(np.float16).itemsize
+        for name, size in (("grids.f16", count * row_bytes), ("done.u8", count)):
+            path = self.folder / name
+            if path.exists() and path.stat().st_size < size:
+                os.truncate(path, size)  # new rows read as zeros: not done
+        self.ids.extend(extra)
+        _write_json(self.folder / "index.json", {**index, "ids": self.ids})
 
     def missing(self) -> list[str]:
         return [image_id for image_id, ok in zip(self.ids, self.done) if not ok]
@@ -99,6 +111,12 @@ class FeatureCache:
         self.grids.flush()  # data before the done flag, so a kill never marks a half-written row
         self.done[rows] = 1
         self.done.flush()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(data))
+    os.replace(partial, path)
 
 
 def _load(path: Path, size: int) -> np.ndarray:
