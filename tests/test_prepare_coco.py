@@ -194,3 +194,62 @@ def test_bare_id_folders_count_only_for_the_repository_they_were_checked_in(tmp_
     provenance = json.loads((out / "provenance.json").read_text())["images"]
     assert provenance["1"].startswith("xiaodanlu/Deep-Learning-Project-Image-captioning@")
     assert provenance["1"].endswith(":coco_images/000000000001.jpg")
+
+
+CSV = "\ufeffimage_id,id,caption,image\n9,1,A meal in trays.,000000000009.jpg\n9,2,\"Food, bread.\",000000000009.jpg\n"
+
+
+@pytest.mark.parametrize("kind, data", [
+    ("csv", CSV.encode("utf-8")),  # a byte-order mark, as spreadsheet exports write it
+    ("pairs", json.dumps([{"caption": "A meal in trays.", "image_id": 9}, {"caption": "Food, bread.", "image_id": 9}])
+     .encode()),
+])
+def test_csv_and_pairs_layouts(kind: str, data: bytes) -> None:
+    assert coco.parse_captions(kind, data, "r/x:f") == {9: ["A meal in trays.", "Food, bread."]}
+
+
+@pytest.mark.parametrize("kind, data, message", [
+    ("csv", b"id,caption\n1,A cat.\n", r"^r/x:f: not the csv layout \(KeyError: 'image_id'\)"),
+    ("csv", b"image_id,caption\nnine,A cat.\n", r"^r/x:f: not the csv layout \(ValueError"),
+    ("csv", b"image_id,caption\n9\n", r"^r/x:f: an entry without a COCO id or caption text"),
+    ("csv", b"image_id,caption\n9,\xff\n", r"^r/x:f: invalid CSV \("),
+    ("pairs", b'[{"caption": "A cat."', r"^r/x:f: invalid JSON \("),
+    ("pairs", b'{"annotations": []}', r"^r/x:f: not the pairs layout \(TypeError"),
+    ("pairs", b'[{"image_id": 9}]', r"^r/x:f: not the pairs layout \(KeyError: 'caption'\)"),
+])
+def test_a_malformed_csv_or_pairs_file_names_the_file(kind: str, data: bytes, message: str) -> None:
+    with pytest.raises(coco.PrepareError, match=message):
+        coco.parse_captions(kind, data, "r/x:f")
+
+
+def test_a_file_only_in_an_older_commit_is_read_from_history(tmp_path: Path) -> None:
+    git_dir = bare_mirror(tmp_path / "m", "o/n", {"keep.txt": b"now", "old.csv": b"then"}, deleted_later=("old.csv",))
+    assert mirror.read_blob(git_dir, "old.csv") is None
+    assert mirror.read_blob_in_history(git_dir, "old.csv") == (b"then", mirror.head_commit(git_dir, "HEAD~1"))
+    assert mirror.read_blob_in_history(git_dir, "keep.txt") == (b"now", mirror.head_commit(git_dir))
+    assert mirror.read_blob_in_history(git_dir, "nope") is None
+
+
+def test_extra_captions_flag_adds_the_extra_sources(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "mirrors"
+    natalie = bare_mirror(root, "natalie125/Deep-learning", {"coco_captions.csv": CSV.encode(), "README.md": b"x"},
+                          deleted_later=("coco_captions.csv",))  # dropped later: read from the older commit
+    pairs = [{"caption": "A plate of food.", "image_id": 9}, {"caption": "Two dogs.", "image_id": 7}]
+    bare_mirror(root, "xiaodanlu/Deep-Learning-Project-Image-captioning", {
+        "data/selected_data_10000.json": json.dumps(pairs).encode(),
+        "coco_images/000000000009.jpg": jpeg(), "coco_images/000000000007.jpg": jpeg()})
+    assert coco.caption_sources(False) == coco.CAPTION_SOURCES
+    assert coco.caption_sources(True) == coco.CAPTION_SOURCES + coco.EXTRA_CAPTION_SOURCES
+
+    assert coco.main(["--mirrors", str(root), "--out", str(tmp_path / "plain")]) == 0
+    assert json.loads((tmp_path / "plain/dataset_coco.json").read_text())["images"] == []
+    assert coco.main(["--extra-captions", "--mirrors", str(root), "--out", str(tmp_path / "extra")]) == 0
+
+    data = karpathy(tmp_path / "extra/dataset_coco.json", tmp_path / "extra/images")
+    assert [(r.image_id, r.split, r.captions) for r in data.records] == [
+        ("000000000007.jpg", "train", ("Two dogs.",)),
+        ("000000000009.jpg", "train", ("A meal in trays.", "Food, bread.", "A plate of food.")),
+    ]
+    sources = {s["repo"]: s for s in json.loads((tmp_path / "extra/provenance.json").read_text())["sources"]}
+    assert sources["natalie125/Deep-learning"]["commit"] == mirror.head_commit(natalie, "HEAD~1")
+    assert "not available: zrblution/LLM_HM_3_models:" in capsys.readouterr().err

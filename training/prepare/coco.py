@@ -1,6 +1,7 @@
 """MS-COCO captions + images from fetched GitHub mirrors -> a Karpathy split JSON the project reads.
 
     python -m training.prepare.coco --mirrors /work/.mirror --out /work/shared/data/coco
+    python -m training.prepare.coco --extra-captions --mirrors /work/.mirror --out /work/data/coco-ext-caps
 
 Why this shape: no single public mirror holds COCO (a snapshot lacks files of 4 MiB and
 more, so `dataset_coco.json` and the full caption files never come through). The human
@@ -9,7 +10,8 @@ lists (`SPLIT_LISTS`), and the images from any mirror whose paths carry COCO fil
 in any commit of its history (repositories often commit a data folder and delete it later).
 When several mirrors hold the same picture the largest blob wins (an original beats a
 256 px copy). Everything captioned that is not Karpathy val or test is train (Karpathy's
-train + restval).
+train + restval). `--extra-captions` adds `EXTRA_CAPTION_SOURCES` (off by default, so a
+set built without it rebuilds byte for byte).
 
 Output: `images/<12-digit COCO id>.jpg` (one flat folder; 2014 and 2017 names of the same
 picture map to one file), `dataset_coco.json` (only images on disk), `provenance.json`
@@ -20,14 +22,16 @@ Re-running skips images already written; a bad blob costs one line naming it.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import json
 import re
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Sequence
 
 from PIL import Image
 from rich.progress import Progress
@@ -45,7 +49,7 @@ class CaptionSource:
 
     repo: str  # owner/name on GitHub
     path: str
-    kind: str  # "albef" | "coco" | "neuraltalk"
+    kind: str  # "albef" | "coco" | "neuraltalk" | "csv" (columns image_id, caption) | "pairs" ([{image_id, caption}])
     what: str  # one line for the README
 
 
@@ -69,6 +73,17 @@ CAPTION_SOURCES = (
                   "official COCO 2017 captions, cut to a mini subset"),
     CaptionSource("Obmutescence/COCO-MINI", "annotations/captions_val2017.json", "coco",
                   "official COCO 2017 captions, cut to a mini subset"),
+)
+# More verbatim COCO captions, added by `--extra-captions`. Where they fall on images the sources
+# above caption, they are the same text: 1,755 of 1,756 captions (natalie125), 1,363 of 1,363
+# (zrblution), 714 of 714 (xiaodanlu). Kept apart so the default set still rebuilds unchanged.
+EXTRA_CAPTION_SOURCES = (
+    CaptionSource("zrblution/LLM_HM_3_models", "halleval_qwen/CHAIR/annotations_1000/captions_val2014.json", "coco",
+                  "official COCO 2014 val captions cut to 1000 random images"),
+    CaptionSource("natalie125/Deep-learning", "coco_captions.csv", "csv",
+                  "Leeds COMP5625M COCO subset, 5068 images, 5 captions each (csv image_id,id,caption,image)"),
+    CaptionSource("xiaodanlu/Deep-Learning-Project-Image-captioning", "data/selected_data_10000.json", "pairs",
+                  "10000 COCO captions [{caption, image_id}], mostly 1 per image"),
 )
 SPLIT_LISTS = (
     SplitList("peteanderson80/Up-Down-Captioner", "data/coco_splits/karpathy_val_images.txt", "val"),
@@ -129,12 +144,22 @@ def coco_id(name: str) -> int | None:
     return int(match[1]) if match else None
 
 
-def parse_captions(kind: str, data: bytes, where: str) -> dict[int, list[str]]:
-    """One caption file -> COCO id -> captions in file order."""
+def load_caption_file(kind: str, data: bytes, where: str) -> Any:
+    """The file's rows (csv: dicts keyed by the header) or its JSON value; PrepareError names the file."""
+    if kind == "csv":
+        try:  # utf-8-sig: spreadsheet exports start with a byte-order mark that would rename the first column
+            return list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise PrepareError(f"{where}: invalid CSV ({error})") from None
     try:
-        doc = json.loads(data)
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PrepareError(f"{where}: invalid JSON ({error})") from None
+
+
+def parse_captions(kind: str, data: bytes, where: str) -> dict[int, list[str]]:
+    """One caption file -> COCO id -> captions in file order."""
+    doc = load_caption_file(kind, data, where)
     pairs: list[tuple[int | None, str]] = []
     try:
         if kind == "coco":  # {images: [...], annotations: [{image_id, caption}]}
@@ -145,6 +170,8 @@ def parse_captions(kind: str, data: bytes, where: str) -> dict[int, list[str]]:
                 pairs += [(coco_id(item["image"]), text) for text in texts]
         elif kind == "neuraltalk":  # [{file_path, id, captions: [..]}]
             pairs = [(int(item["id"]), text) for item in doc for text in item["captions"]]
+        elif kind in ("csv", "pairs"):  # csv rows or [{image_id, caption}]: one caption per entry
+            pairs = [(int(item["image_id"]), item["caption"]) for item in doc]
         else:
             raise PrepareError(f"{where}: unknown caption layout {kind!r}")
     except (KeyError, TypeError, ValueError) as error:
@@ -307,20 +334,28 @@ def squashed_count(folder: Path, ids: Iterable[int]) -> int:
 # ---------------------------------------------------------------- run
 
 
-def prepare(mirrors: Path, out: Path, max_side: int = MAX_SIDE) -> dict:
+def caption_sources(extra: bool) -> tuple[CaptionSource, ...]:
+    """The caption files to read: CAPTION_SOURCES, then EXTRA_CAPTION_SOURCES when `extra` (merge order matters)."""
+    return CAPTION_SOURCES + (EXTRA_CAPTION_SOURCES if extra else ())
+
+
+def prepare(
+    mirrors: Path, out: Path, max_side: int = MAX_SIDE, captions_from: Sequence[CaptionSource] = CAPTION_SOURCES
+) -> dict:
     """Read every fetched source, write images + dataset_coco.json + provenance; return the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sources, per_source = [], []
-    for source in CAPTION_SOURCES:
+    for source in captions_from:
         git_dir = find_mirror(mirrors, source.repo)
-        data = mirror.read_blob(git_dir, source.path) if git_dir else None
-        if data is None:
+        found = mirror.read_blob_in_history(git_dir, source.path) if git_dir else None
+        if found is None:
             print(f"not available: {source.repo}:{source.path} (mirror not fetched, or file absent)", file=sys.stderr)
             continue
+        data, commit = found
         captions = parse_captions(source.kind, data, f"{source.repo}:{source.path}")
         per_source.append(captions)
-        sources.append({"repo": source.repo, "commit": mirror.head_commit(git_dir), "path": source.path,
+        sources.append({"repo": source.repo, "commit": commit, "path": source.path,
                         "kind": source.kind, "what": source.what, "images": len(captions),
                         "captions": sum(map(len, captions.values()))})
     captions = merge_captions(per_source)
@@ -424,9 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirrors", type=Path, required=True, help="folder of fetched mirrors (owner+name/repo)")
     parser.add_argument("--out", type=Path, required=True, help="output folder, outside the repository")
     parser.add_argument("--max-side", type=int, default=MAX_SIDE, help="downscale images larger than this (px)")
+    parser.add_argument(
+        "--extra-captions", action="store_true",
+        help="also read EXTRA_CAPTION_SOURCES, verbatim COCO captions where they overlap the official ones: "
+             "natalie125's csv (5,068 images; 1,755/1,756 identical), zrblution's official "
+             "val2014 captions (1,000 images; 1,363/1,363) and xiaodanlu's pairs file (10,000 captions, mostly one "
+             "per image; 714/714). Off by default so the documented set rebuilds unchanged")
     args = parser.parse_args(argv)
     try:
-        summary = prepare(args.mirrors, args.out, args.max_side)
+        summary = prepare(args.mirrors, args.out, args.max_side, caption_sources(args.extra_captions))
     except (PrepareError, mirror.MirrorError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

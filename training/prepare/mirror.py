@@ -146,6 +146,22 @@ def read_blob(git_dir: Path, path: str, rev: str = "HEAD") -> bytes | None:
     return next(read_blobs(git_dir, [path], rev))[1]
 
 
+def read_blob_in_history(git_dir: Path, path: str) -> tuple[bytes, str] | None:
+    """(content, commit) of `path` from HEAD, else from the newest commit that holds it; None if none does.
+
+    Caption files get committed and deleted later just as image folders do, so a caption
+    source is not lost when a repository drops it; the commit is returned for the provenance.
+    """
+    git_dir = Path(git_dir)
+    if (data := read_blob(git_dir, path)) is not None:
+        return data, head_commit(git_dir)
+    for item in history_files(git_dir):
+        if item.path == path:
+            data = next(read_objects(git_dir, [item.blob]))
+            return (data, item.commit) if data is not None else None
+    return None
+
+
 def _read_exactly(stream, size: int) -> bytes:
     chunks, left = [], size
     while left:
