@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,20 +44,19 @@ import numpy as np
 from caption_cli.beam import SearchOptions
 from caption_cli.bundle import Bundle, load_bundle
 from caption_cli.errors import BundleError, CaptionCliError
-from caption_cli.images import DecodedImage, decode, resolve_root, walk
+from caption_cli.images import DecodedImage, decode
 from caption_cli.pipeline import (
     AnnotateOptions,
+    FileKey,
     MetadataHandler,
     ResultHandler,
+    RunRecorder,
     SkipHandler,
     StoreLike,
     Summary,
+    caption_result,
+    files_to_caption,
 )
-
-# Private pieces of the local pipeline, shared so both runs write the same rows
-# (key = path + size + mtime, the resume query, the CaptionResult of a decoded file).
-from caption_cli.pipeline import _Key, _keys, _result, _unfinished
-from caption_cli.prune import mark_missing
 from caption_cli.results import Caption, CaptionResult
 
 RAY_HINT = "pip install 'caption-cli[cluster]'"
@@ -155,6 +153,20 @@ def connect(ray: Any, address: str | None) -> bool:
             "(see docs/cluster.md), or use --ray local to run on this machine alone"
         ) from None
     return True
+
+
+@contextmanager
+def connected(address: str | None) -> Iterator[Any]:
+    """The ray module, joined to the instance connect picks, which is stopped at the end if
+    this started it. The CLI enters it before it opens the database, so that a cluster that
+    cannot be reached leaves no database file behind; annotate then uses this connection."""
+    ray = require_ray()
+    started = connect(ray, address)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
 
 
 @dataclass(frozen=True)
@@ -256,9 +268,9 @@ class CaptionerActor:
 
 
 def _row_result(batch: dict[str, np.ndarray], index: int, caption: Caption | None) -> CaptionResult:
-    """The CaptionResult pipeline._result makes of the same key and decode outcome."""
+    """pipeline.caption_result of one row of the decode stage's columns."""
     path = Path(str(batch["path"][index]))
-    key = _Key(path, int(batch["size"][index]), float(batch["mtime"][index]))
+    key = FileKey(path, int(batch["size"][index]), float(batch["mtime"][index]))
     width, height = int(batch["width"][index]), int(batch["height"][index])
     decoded = DecodedImage(
         path, None,
@@ -267,7 +279,7 @@ def _row_result(batch: dict[str, np.ndarray], index: int, caption: Caption | Non
         str(batch["error"][index]) or None,
         str(batch["content_hash"][index]) or None,
     )
-    return _result(key, decoded, caption)
+    return caption_result(key, decoded, caption)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -301,63 +313,35 @@ def annotate(
     if metadata_writer is not None:
         raise ClusterError("--write-metadata does not run with --ray yet; run `caption-cli write-metadata` "
                            "after the cluster run (it writes what the run stored)")
-    ray = require_ray()
     options = options or AnnotateOptions()
     cluster = cluster or ClusterOptions()
-    started_ray = connect(ray, address)
-    try:
+    with connected(address) as ray:
         shape = plan(ray.cluster_resources(), captioner.requested_device, cluster)
         captioner.device = shape.device
         stages = (decode_stage, captioner_actor)
         return _run(ray, list(roots), captioner, store, options, cluster, shape, argv, on_result, on_skip, stages)
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
 def _run(ray: Any, roots: list[Path | str], captioner: RemoteCaptioner, store: StoreLike,
          options: AnnotateOptions, cluster: ClusterOptions, shape: Plan, argv: Sequence[str],
          on_result: ResultHandler | None, on_skip: SkipHandler | None, stages: tuple) -> Summary:
-    summary = Summary()
-    started = time.monotonic()
     model_id = captioner.bundle.model_id
-    run_id = store.start_run(model_id, shape.device, argv)
-
-    def report(result: CaptionResult) -> None:
-        if result.status == "ok":
-            summary.captioned += 1
-        else:
-            summary.failed += 1
-        if on_result:
-            on_result(result)
-
-    def skipped(path: Path) -> None:
-        summary.skipped += 1
-        if on_skip:
-            on_skip(path)
-
-    def walk_error(path: Path, message: str) -> None:
-        report(CaptionResult(path=path, size=0, mtime=0.0, status="error", error=message))
-
+    run = RunRecorder(store, model_id, shape.device, argv, on_result, on_skip)
     _quiet_ray_data(ray)
     try:
-        found = walk(roots, options.recursive, options.include_hidden, on_error=walk_error)
-        todo = _unfinished(_keys(found), store, model_id, options, skipped)
+        todo = files_to_caption(roots, store, model_id, options, run)
         for chunk in _chunks(todo, cluster.first_chunk, cluster.max_chunk):
             for results in _caption_chunk(ray, chunk, captioner, options, cluster, shape, stages):
-                store.write_batch(results, model_id, run_id)
+                store.write_batch(results, model_id, run.run_id)
                 for result in results:
-                    report(result)
-        if options.mark_missing and hasattr(store, "paths_under"):
-            folders = [resolve_root(root) for root in roots]
-            summary.missing = mark_missing(store, [folder for folder in folders if folder.is_dir()])
+                    run.result(result)
+        run.mark_missing_under(roots, options)
     finally:
-        summary.seconds = time.monotonic() - started
-        store.finish_run(run_id, summary.captioned, summary.skipped, summary.failed, summary.reused)
-    return summary
+        run.finish()
+    return run.summary
 
 
-def _chunks(keys: Iterator[_Key], first: int, most: int) -> Iterator[list[_Key]]:
+def _chunks(keys: Iterator[FileKey], first: int, most: int) -> Iterator[list[FileKey]]:
     """Lists of keys: the first small (captioning starts while the walk goes on), then doubling."""
     size = first
     while chunk := list(islice(keys, size)):
@@ -365,7 +349,7 @@ def _chunks(keys: Iterator[_Key], first: int, most: int) -> Iterator[list[_Key]]
         size = min(2 * size, most)
 
 
-def _caption_chunk(ray: Any, chunk: list[_Key], captioner: RemoteCaptioner, options: AnnotateOptions,
+def _caption_chunk(ray: Any, chunk: list[FileKey], captioner: RemoteCaptioner, options: AnnotateOptions,
                    cluster: ClusterOptions, shape: Plan, stages: tuple) -> Iterator[list[CaptionResult]]:
     """The CaptionResults of these files, a batch at a time as they come back.
 
@@ -392,7 +376,7 @@ def _caption_chunk(ray: Any, chunk: list[_Key], captioner: RemoteCaptioner, opti
         yield died[start:start + options.batch_size]
 
 
-def _caption_files(ray: Any, keys: list[_Key], batch: int, captioner: RemoteCaptioner, cluster: ClusterOptions,
+def _caption_files(ray: Any, keys: list[FileKey], batch: int, captioner: RemoteCaptioner, cluster: ClusterOptions,
                    shape: Plan, stages: tuple, in_flight: int) -> Iterator[list[CaptionResult]]:
     """One Dataset over these files: decode tasks, then the captioner actor pool (in_flight
     batches queued per actor, so the next batch is there when one finishes)."""

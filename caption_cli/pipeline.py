@@ -115,8 +115,8 @@ class Summary:
 
 
 @dataclass(frozen=True)
-class _Key:
-    """A file as found on disk: what resume compares."""
+class FileKey:
+    """A file as found on disk: what resume compares (public: the cluster run sends these to its nodes)."""
 
     path: Path
     size: int
@@ -126,6 +126,58 @@ class _Key:
 ResultHandler = Callable[[CaptionResult], None]
 SkipHandler = Callable[[Path], None]
 MetadataHandler = Callable[[Any], None]  # a caption_cli.metadata.MetadataOutcome
+
+
+class RunRecorder:
+    """One run's bookkeeping, shared with caption_cli.cluster so that both runs count and record alike.
+
+    Starts the store's runs row, counts each file into the Summary (captioned, reused,
+    failed, skipped) before passing it on to the caller's handlers, and finishes the row
+    with those counts.
+    """
+
+    def __init__(self, store: StoreLike, model_id: str, device: str, argv: Sequence[str],
+                 on_result: ResultHandler | None = None, on_skip: SkipHandler | None = None) -> None:
+        self.store = store
+        self.summary = Summary()
+        self.on_result = on_result
+        self.on_skip = on_skip
+        self.started = time.monotonic()
+        self.run_id = store.start_run(model_id, device, argv)
+
+    def result(self, result: CaptionResult) -> None:
+        """Count a captioned, reused or failed file (after its batch is stored) and report it."""
+        if result.reused:
+            self.summary.reused += 1
+        elif result.status == "ok":
+            self.summary.captioned += 1
+        else:
+            self.summary.failed += 1
+        if self.on_result:
+            self.on_result(result)
+
+    def skipped(self, path: Path) -> None:
+        """Count and report a file the store already has."""
+        self.summary.skipped += 1
+        if self.on_skip:
+            self.on_skip(path)
+
+    def walk_error(self, path: Path, message: str) -> None:
+        """A folder that cannot be listed: reported and counted, but not a row."""
+        self.result(CaptionResult(path=path, size=0, mtime=0.0, status="error", error=message))
+
+    def mark_missing_under(self, roots: Sequence[Path | str], options: AnnotateOptions) -> None:
+        """Mark rows under the folders walked whose files are gone; only after a complete
+        walk, since a run stopped half-way has not looked everywhere."""
+        if options.mark_missing and hasattr(self.store, "paths_under"):
+            folders = [resolve_root(root) for root in roots]
+            self.summary.missing = mark_missing(self.store, [folder for folder in folders if folder.is_dir()])
+
+    def finish(self) -> None:
+        """Close the runs row with the counts (in a finally: a stopped run keeps its record too)."""
+        summary = self.summary
+        summary.seconds = time.monotonic() - self.started
+        self.store.finish_run(self.run_id, summary.captioned, summary.skipped, summary.failed, summary.reused)
 
 
 def annotate(
@@ -153,43 +205,25 @@ def annotate(
     started by the caller before the model loaded so the workers are up by now.
     """
     options = options or AnnotateOptions()
-    summary = Summary()
-    started = time.monotonic()
     model_id = captioner.bundle.model_id
-    run_id = store.start_run(model_id, captioner.device, argv)
-
-    def report(result: CaptionResult) -> None:
-        if result.reused:
-            summary.reused += 1
-        elif result.status == "ok":
-            summary.captioned += 1
-        else:
-            summary.failed += 1
-        if on_result:
-            on_result(result)
 
     def skipped(path: Path) -> None:
-        summary.skipped += 1
         if on_skip:
             on_skip(path)
-        if metadata_writer is not None:
+        if metadata_writer is not None:  # a skipped file's stored caption still goes into its metadata
             batcher.add_skipped(path)
 
-    def walk_error(path: Path, message: str) -> None:
-        # A folder that cannot be listed: reported and counted, but not a row.
-        report(CaptionResult(path=path, size=0, mtime=0.0, status="error", error=message))
-
+    run = RunRecorder(store, model_id, captioner.device, argv, on_result, skipped)
     roots = list(roots)
     known = None
     if options.reuse and not options.force and hasattr(store, "hash_lookup"):
         known = store.hash_lookup(model_id)
     size = captioner.bundle.image_size
-    batcher = _Batcher(captioner, store, model_id, run_id, report, metadata_writer, summary, on_metadata,
-                       options.min_confidence, size, reusing=known is not None)
+    batcher = _Batcher(captioner, store, model_id, run.run_id, run.result, metadata_writer, run.summary,
+                       on_metadata, options.min_confidence, size, reusing=known is not None)
     try:
-        found = walk(roots, options.recursive, options.include_hidden, on_error=walk_error)
-        todo = _unfinished(_keys(found), store, model_id, options, skipped)
-        in_flight: deque[_Key] = deque()  # keys of files the decoders hold, in order
+        todo = files_to_caption(roots, store, model_id, options, run)
+        in_flight: deque[FileKey] = deque()  # keys of files the decoders hold, in order
 
         def paths() -> Iterator[Path]:
             for key in todo:
@@ -207,37 +241,40 @@ def annotate(
                 batcher.flush()
         batcher.flush()
         batcher.flush_skipped()
-        if options.mark_missing and hasattr(store, "paths_under"):
-            # Only after a complete walk: a run stopped half-way has not looked everywhere.
-            folders = [resolve_root(root) for root in roots]
-            summary.missing = mark_missing(store, [folder for folder in folders if folder.is_dir()])
+        run.mark_missing_under(roots, options)
     finally:
         if known is not None and hasattr(known, "close"):
             known.close()  # used in this process when workers == 0
-        summary.seconds = time.monotonic() - started
-        store.finish_run(run_id, summary.captioned, summary.skipped, summary.failed, summary.reused)
-    return summary
+        run.finish()
+    return run.summary
 
 
-def _keys(paths: Iterable[Path]) -> Iterator[_Key]:
+def files_to_caption(roots: Sequence[Path | str], store: StoreLike, model_id: str, options: AnnotateOptions,
+                     run: RunRecorder) -> Iterator[FileKey]:
+    """The files under roots the store does not have yet (shared, so a cluster run resumes as a local one does)."""
+    found = walk(roots, options.recursive, options.include_hidden, on_error=run.walk_error)
+    return _unfinished(_keys(found), store, model_id, options, run.skipped)
+
+
+def _keys(paths: Iterable[Path]) -> Iterator[FileKey]:
     """Size and mtime of each file; a file that cannot be stat'ed still goes on, so
     decode names its cause (a dangling symlink, a file deleted meanwhile)."""
     for path in paths:
         try:
             info = path.stat()
         except OSError:
-            yield _Key(path, 0, 0.0)
+            yield FileKey(path, 0, 0.0)
         else:
-            yield _Key(path, info.st_size, info.st_mtime)
+            yield FileKey(path, info.st_size, info.st_mtime)
 
 
 def _unfinished(
-    keys: Iterable[_Key],
+    keys: Iterable[FileKey],
     store: StoreLike,
     model_id: str,
     options: AnnotateOptions,
     on_skip: SkipHandler,
-) -> Iterator[_Key]:
+) -> Iterator[FileKey]:
     """Drop files already captioned by this model, one store query per chunk."""
     keys = iter(keys)
     while chunk := list(islice(keys, options.lookup_size)):
@@ -296,7 +333,7 @@ class _Batcher:
         self.metadata_writer = metadata_writer
         self.summary = summary
         self.on_metadata = on_metadata
-        self.items: list[tuple[_Key, DecodedImage, ReusedCaption | None]] = []
+        self.items: list[tuple[FileKey, DecodedImage, ReusedCaption | None]] = []
         self.good = 0
         self.skipped: list[Path] = []  # already captioned; their metadata is still written
 
@@ -318,7 +355,7 @@ class _Batcher:
                              for path, caption, size, mtime, confidence in rows
                              if self._publishable(confidence)])
 
-    def add(self, key: _Key, decoded: DecodedImage) -> None:
+    def add(self, key: FileKey, decoded: DecodedImage) -> None:
         reused = None
         if decoded.reusable:
             # The worker found these bytes in the store; the row could have gone since
@@ -352,10 +389,10 @@ class _Batcher:
             if reused is not None:
                 results.append(_reused_result(key, decoded, reused))
             elif decoded.error is not None:
-                results.append(_result(key, decoded, None))
+                results.append(caption_result(key, decoded, None))
             else:
                 content = self._content_key(decoded, index)
-                result = _result(key, decoded, by_content[content])
+                result = caption_result(key, decoded, by_content[content])
                 result.reused = content in first_of
                 first_of.add(content)
                 results.append(result)
@@ -412,7 +449,8 @@ def _restat(paths: Iterable[Path]) -> Iterator[tuple[Path, int, float]]:
         yield path, info.st_size, info.st_mtime
 
 
-def _result(key: _Key, decoded: DecodedImage, caption: Caption | None) -> CaptionResult:
+def caption_result(key: FileKey, decoded: DecodedImage, caption: Caption | None) -> CaptionResult:
+    """The row of a decoded file (public: the cluster's captioner actors must make the same rows)."""
     return CaptionResult(
         path=key.path,
         size=key.size,
@@ -426,7 +464,7 @@ def _result(key: _Key, decoded: DecodedImage, caption: Caption | None) -> Captio
     )
 
 
-def _reused_result(key: _Key, decoded: DecodedImage, reused: ReusedCaption) -> CaptionResult:
+def _reused_result(key: FileKey, decoded: DecodedImage, reused: ReusedCaption) -> CaptionResult:
     return CaptionResult(
         path=key.path,
         size=key.size,

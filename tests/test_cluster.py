@@ -69,6 +69,40 @@ def test_without_ray_the_cli_prints_the_install_hint(tmp_path: Path, monkeypatch
     assert not (tmp_path / "c.db").exists()
 
 
+NO_CLUSTER = ("Could not find any running Ray instance. Please specify the one to connect to by setting "
+              "`--address` flag or `RAY_ADDRESS` environment variable.")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-db", "existing-db"])
+def test_a_cluster_that_cannot_be_reached_leaves_the_database_alone(tmp_path: Path, tiny_bundle: Path,
+                                                                     monkeypatch, existing):
+    """--ray auto with no cluster running: one error line, exit 1, and no database file
+    created (an existing one is not touched). ray.init fails as Ray's does when it finds
+    no cluster, so the test neither starts Ray nor depends on one running on this machine."""
+    ray = pytest.importorskip("ray")
+
+    def no_cluster(**kwargs):
+        raise ConnectionError(NO_CLUSTER)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    make_photos(tmp_path / "photos", 1)
+    db = tmp_path / "c.db"
+    if existing:
+        with Store(db) as store:
+            store.start_run("earlier@000000000000", "cpu", ["caption-cli", "annotate"])
+    before = db.read_bytes() if existing else None
+    result = CliRunner().invoke(app, ["annotate", str(tmp_path / "photos"), "--db", str(db),
+                                      "--model", str(tiny_bundle), "--ray", "auto"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: no Ray cluster at 'auto' ({NO_CLUSTER}); start one with `ray start --head` (see docs/cluster.md), "
+        "or use --ray local to run on this machine alone"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == (["c.db", "photos"] if existing else ["photos"])
+    if existing:
+        assert db.read_bytes() == before
+
+
 def test_plain_annotate_never_imports_ray(tmp_path: Path):
     make_photos(tmp_path / "photos", 2)
     script = textwrap.dedent(f"""

@@ -379,9 +379,10 @@ def annotate(
     show_progress = _interactive()
 
     with ExitStack() as stack:
-        # Cheap failures first (exiftool missing), then the model, then the store: a
-        # bad --model, or --alternatives above the bundle's beam, is only found once the
-        # bundle is read, and a usage error must not leave a new empty database behind.
+        # Cheap failures first (exiftool missing), then the model, then the Ray cluster,
+        # then the store: a bad --model, or --alternatives above the bundle's beam, is only
+        # found once the bundle is read, a cluster only once it is asked, and neither
+        # failure must leave a new empty database behind.
         writer = None
         if write_metadata is not None:
             writer = stack.enter_context(_metadata_writer(write_metadata, dry_run))
@@ -398,6 +399,11 @@ def annotate(
         if pool is not None and options.workers != prestarted:  # CUDA loaded: more decoders
             pool.shutdown(wait=False, cancel_futures=True)
             pool = None
+        if ray is not None:  # cluster.annotate runs on this connection; it ends with the stack
+            try:
+                stack.enter_context(cluster.connected(ray))
+            except CaptionCliError as exc:
+                _fail(str(exc))
         if dry_run:
             from caption_cli.store import DryRunStore
 
