@@ -322,6 +322,27 @@ def test_finished_images_leave_the_batch():
     assert all(len(h.tokens) == max_length for h in found[1])
 
 
+def test_images_that_finish_first_make_room_without_mixing_up_rows():
+    """Finished images in front of running ones: running images move into their slots
+    (features and keys too), and each image still gets its own reference captions."""
+    k, max_length, n = 3, 7, 7
+    decoder = FakeDecoder(12, end_weight=40.0)
+    features, keys, hidden = encoder_outputs(n, 12)
+    features[0::2, :, 0] = 5.0  # images 0, 2, 4, 6 finish at once
+    features[1::2, :, 0] = -5.0  # images 1, 3, 5 run to max_length
+    given = features.copy(), keys.copy()
+    found = beam_search(decoder, features, keys, hidden,
+                        SearchOptions(beam_size=k, alternatives=k, max_length=max_length, length_penalty=0.7),
+                        start_id=START, end_id=END, banned_ids=BANNED)
+    assert decoder.rows[-1] == 3 * k  # the three long images ran on alone
+    np.testing.assert_array_equal(features, given[0])  # the caller's arrays are not touched
+    np.testing.assert_array_equal(keys, given[1])
+    for image in range(n):
+        expected = reference_search(decoder, features[image], keys[image], hidden[image], k, max_length, 0.7, k)
+        assert [h.tokens for h in found[image]] == [words for _, words, _ in expected]
+        assert [h.score for h in found[image]] == pytest.approx([score for score, _, _ in expected], rel=1e-9)
+
+
 def test_empty_batch():
     features, keys, hidden = encoder_outputs(0, 0)
     decoder = FakeDecoder(0)
