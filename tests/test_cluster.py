@@ -103,6 +103,21 @@ def test_a_cluster_that_cannot_be_reached_leaves_the_database_alone(tmp_path: Pa
         assert db.read_bytes() == before
 
 
+def test_a_cluster_too_small_for_the_pool_leaves_no_database(tmp_path: Path, tiny_bundle: Path, monkeypatch):
+    """A cluster that is reached but cannot hold the captioner pool (one CPU: nothing left
+    to decode on) is refused before the database is made, in one line, exit 1."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # "already joined": connect starts nothing
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    make_photos(tmp_path / "photos", 1)
+    result = CliRunner().invoke(app, ["annotate", str(tmp_path / "photos"), "--db", str(tmp_path / "c.db"),
+                                      "--model", str(tiny_bundle), "--ray", "auto"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: the Ray cluster has 1 CPU(s): 1 captioner(s) reserve one each, and decoding needs at least one more"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
+
+
 def test_plain_annotate_never_imports_ray(tmp_path: Path):
     make_photos(tmp_path / "photos", 2)
     script = textwrap.dedent(f"""

@@ -401,7 +401,9 @@ def annotate(
             pool = None
         if ray is not None:  # cluster.annotate runs on this connection; it ends with the stack
             try:
-                stack.enter_context(cluster.connected(ray))
+                ray_module = stack.enter_context(cluster.connected(ray))
+                # a pool that cannot fit (--device cuda with no GPU, too few CPUs) fails here too
+                cluster.plan(ray_module.cluster_resources(), captioner.requested_device, cluster.ClusterOptions())
             except CaptionCliError as exc:
                 _fail(str(exc))
         if dry_run:
