@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import socket
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -144,6 +145,8 @@ def connect(ray: Any, address: str | None) -> bool:
 
         kwargs.update(address="local", num_cpus=default_threads())
     else:
+        if address != "auto":
+            _check_reachable(address)
         kwargs.update(address=address)
     try:
         ray.init(**kwargs)
@@ -153,6 +156,21 @@ def connect(ray: Any, address: str | None) -> bool:
             "(see docs/cluster.md), or use --ray local to run on this machine alone"
         ) from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A head address (host:port or ray://host:port) with nothing listening fails in seconds
+    here; ray.init itself retries such an address for over 100 s before it gives up."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not host or not port.isdigit():
+        raise ClusterError(f"--ray {address!r}: expected auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"no Ray cluster at {address!r} ({exc.strerror or exc}); check the head's address "
+                           "and port (`ray status` on the head), or use --ray local to run on this machine alone"
+                           ) from None
 
 
 @contextmanager

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import socket
 import textwrap
 from pathlib import Path
 
@@ -116,6 +117,26 @@ def test_a_cluster_too_small_for_the_pool_leaves_no_database(tmp_path: Path, tin
     assert result.output.strip().splitlines() == [
         "Error: the Ray cluster has 1 CPU(s): 1 captioner(s) reserve one each, and decoding needs at least one more"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
+
+
+def test_a_head_address_with_nothing_listening_fails_in_seconds(tmp_path: Path, tiny_bundle: Path, monkeypatch):
+    """--ray HOST:PORT where no Ray head listens: one line naming the address, exit 1, no
+    database, and ray.init is never reached (it would retry for minutes)."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init must not be tried"))
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    make_photos(tmp_path / "photos", 1)
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "no-port-here"):
+        result = CliRunner().invoke(app, ["annotate", str(tmp_path / "photos"), "--db", str(tmp_path / "c.db"),
+                                          "--model", str(tiny_bundle), "--ray", address])
+        assert result.exit_code == 1, address
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith(f"Error: no Ray cluster at {address!r} (") or line.startswith(
+            f"Error: --ray {address!r}: expected auto, local, HOST:PORT"), line
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
 
 
 def test_plain_annotate_never_imports_ray(tmp_path: Path):
