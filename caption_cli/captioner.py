@@ -22,7 +22,8 @@ from caption_cli.bundle import Bundle
 from caption_cli.confidence import caption_features
 from caption_cli.errors import BundleError
 from caption_cli.results import Alternative, Caption
-from caption_cli.session import cuda_built_in, open_session, session_device
+from caption_cli import session as sessions
+from caption_cli.session import open_session, session_device
 
 # Images per encoder call on a CPU. Measured on EfficientNet-Lite2 (2 cores): chunks of 8
 # run as fast as 16 (59 vs 52 img/s) with 300 MB less peak memory, because onnxruntime's
@@ -228,7 +229,7 @@ def _open_sessions(bundle: Bundle, device: str, threads: int | None,
     returned bundle). Where only the CPU can be meant, both sessions are built at once on
     two threads (onnxruntime lets go of the GIL for part of it): 0.054 s instead of 0.07; where
     CUDA may start, the decoder waits to follow the device the encoder really got."""
-    if device == "cpu" or (device == "auto" and not cuda_built_in()):
+    if device == "cpu" or (device == "auto" and not sessions.cuda_built_in()):
         chosen = bundle.for_device("cpu") if cpu_decoder else bundle
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="caption-cli-session") as pool:
             decoder = pool.submit(open_session, chosen.decoder_path, "cpu", threads=threads)

@@ -30,6 +30,7 @@ docs/cluster.md has the set-up and what happens when a node dies.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import socket
 import warnings
@@ -147,6 +148,8 @@ def connect(ray: Any, address: str | None) -> bool:
     else:
         if address != "auto":
             _check_reachable(address)
+        elif os.environ.get("RAY_ADDRESS", "auto") != "auto":
+            _check_reachable(os.environ["RAY_ADDRESS"], strict=False)  # other forms are Ray's to read
         kwargs.update(address=address)
     try:
         ray.init(**kwargs)
@@ -158,12 +161,15 @@ def connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
+def _check_reachable(address: str, timeout: float = 5.0, strict: bool = True) -> None:
     """A head address (host:port or ray://host:port) with nothing listening fails in seconds
-    here; ray.init itself retries such an address for over 100 s before it gives up."""
+    here; ray.init itself retries such an address for over 100 s before it gives up.
+    strict: any other form is an error (what --ray takes), else it is left alone."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     host = host.strip("[]")  # [::1]:6379
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or "/" in host:
+        if not strict:
+            return
         raise ClusterError(f"--ray {address!r}: expected auto, local, HOST:PORT or ray://HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()

@@ -203,14 +203,18 @@ def test_cuda_that_does_not_start_is_detected(bundle: Bundle, monkeypatch: pytes
 def test_cuda_that_fails_to_initialise(bundle: Bundle, monkeypatch: pytest.MonkeyPatch):
     real_create = session_mod._create
 
+    tried_cuda = []
+
     def create(path, providers, threads):
         if any(session_mod.CUDA in str(p) for p in providers):
+            tried_cuda.append(Path(path).name)
             raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected\nmore detail")
         return real_create(path, providers, threads)
 
     monkeypatch.setattr(session_mod, "cuda_built_in", lambda: True)
     monkeypatch.setattr(session_mod, "_create", create)
     assert Captioner(bundle, device="auto", threads=1).device == "cpu"
+    assert tried_cuda == [bundle.encoder_path.name]  # auto tried CUDA first; the decoder followed the CPU
     with pytest.raises(DeviceError) as raised:
         Captioner(bundle, device="cuda")
     assert str(raised.value) == (f"device cuda: {bundle.encoder_path}: onnxruntime could not start it on CUDA "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import socket
+import sys
 import textwrap
 from pathlib import Path
 
@@ -119,24 +119,34 @@ def test_a_cluster_too_small_for_the_pool_leaves_no_database(tmp_path: Path, tin
     assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
 
 
-def test_a_head_address_with_nothing_listening_fails_in_seconds(tmp_path: Path, tiny_bundle: Path, monkeypatch):
-    """--ray HOST:PORT where no Ray head listens: one line naming the address, exit 1, no
-    database, and ray.init is never reached (it would retry for minutes)."""
+@pytest.mark.parametrize("form", ["HOST:PORT", "ray://HOST:PORT", "RAY_ADDRESS=HOST:PORT", "no-port-here"])
+def test_a_head_address_with_nothing_listening_fails_in_seconds(tmp_path: Path, tiny_bundle: Path, monkeypatch, form):
+    """--ray HOST:PORT (or auto with RAY_ADDRESS) where no Ray head listens: one line naming
+    the address, exit 1, no database, and ray.init is never reached (it would retry for
+    minutes). A malformed address says what forms are meant."""
     ray = pytest.importorskip("ray")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init must not be tried"))
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        head = f"127.0.0.1:{probe.getsockname()[1]}"
+    address = form.replace("HOST:PORT", head)
+    if form.startswith("RAY_ADDRESS="):
+        monkeypatch.setenv("RAY_ADDRESS", head)
+        address, named = "auto", head
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        named = address
     make_photos(tmp_path / "photos", 1)
-    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "no-port-here"):
-        result = CliRunner().invoke(app, ["annotate", str(tmp_path / "photos"), "--db", str(tmp_path / "c.db"),
-                                          "--model", str(tiny_bundle), "--ray", address])
-        assert result.exit_code == 1, address
-        (line,) = result.output.strip().splitlines()
-        assert line.startswith(f"Error: no Ray cluster at {address!r} (") or line.startswith(
-            f"Error: --ray {address!r}: expected auto, local, HOST:PORT"), line
-        assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
+    result = CliRunner().invoke(app, ["annotate", str(tmp_path / "photos"), "--db", str(tmp_path / "c.db"),
+                                      "--model", str(tiny_bundle), "--ray", address])
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    if form == "no-port-here":
+        assert line == "Error: --ray 'no-port-here': expected auto, local, HOST:PORT or ray://HOST:PORT"
+    else:
+        assert line.startswith(f"Error: no Ray cluster at {named!r} (Connection refused); check the head's address")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
 
 
 def test_plain_annotate_never_imports_ray(tmp_path: Path):
