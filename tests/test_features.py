@@ -134,3 +134,16 @@ def test_two_runs_growing_one_cache_at_once_get_their_own_rows(tmp_path) -> None
     for cache in opened:
         name = cache.wanted[1]
         assert final.row[name] == cache.row[name]
+
+
+def test_cached_grids_serve_after_the_photos_are_gone(photos, tmp_path) -> None:
+    """Features are cached so that training no longer needs the images: a run over a
+    complete cache whose files were moved away still gets its grids."""
+    ids = sorted(p.name for p in photos.iterdir())
+    first = extract_features(photos, ids, tmp_path / "cache", "efficientnet-lite0", SIZE)
+    expected = first.get(ids)
+    for path in photos.iterdir():
+        path.unlink()
+    again = extract_features(photos, ids, tmp_path / "cache", "efficientnet-lite0", SIZE)
+    assert again.missing() == []
+    np.testing.assert_array_equal(again.get(ids), expected)

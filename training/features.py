@@ -115,13 +115,17 @@ class FeatureCache:
     def forget_changed(self, image_root: Path) -> int:
         """Mark for recomputation the asked-for rows whose file's size or mtime is not the one
         their grid was computed from; returns how many. Rows written before stamps existed
-        take the file's current stamp (they were computed from this folder's files)."""
+        take the file's current stamp (they were computed from this folder's files); a row
+        whose file cannot be found keeps its grid."""
         changed = 0
         for image_id in self.wanted:
             row = self.row[image_id]
             if not self.done[row]:
                 continue
-            now = _stamp(Path(image_root) / image_id)
+            try:
+                now = _stamp(Path(image_root) / image_id)
+            except OSError:  # the photo is gone (or the folder is not mounted): the grid is all there is
+                continue
             if not self.stamps[row].any():
                 self.stamps[row] = now
             elif tuple(self.stamps[row]) != now:
