@@ -347,8 +347,9 @@ def annotate_profiled(folder: Path, captioner: Captioner, options: AnnotateOptio
         say(f"  warning: annotate failed on {summary.failed} files")
     times, wall = captioner.times, summary.seconds
     profile = {"wall": wall, "encoder": times.encoder, "decoder steps": times.steps,
-               "python search": times.search - times.steps,
-               "caption other": in_caption[0] - times.search - (0 if captioner.overlap else times.encoder),
+               "python search": times.search - times.steps, "confidence scorer": times.scoring,
+               "caption other": (in_caption[0] - times.search - times.scoring
+                                 - (0 if captioner.overlap else times.encoder)),
                "store": timed.seconds, "decode wait + walk": wall - in_caption[0] - timed.seconds,
                "steps_run": times.steps_run, "overlap": captioner.overlap}
     return {"rate": summary.images_per_second, "captioned": summary.captioned, "failed": summary.failed,
@@ -357,7 +358,8 @@ def annotate_profiled(folder: Path, captioner: Captioner, options: AnnotateOptio
 
 def say_profile(profile: dict) -> None:
     wall = profile["wall"] or 1.0
-    parts = ("decode wait + walk", "encoder", "decoder steps", "python search", "caption other", "store")
+    parts = ("decode wait + walk", "encoder", "decoder steps", "python search", "confidence scorer", "caption other",
+             "store")
     shares = ", ".join(f"{name} {profile[name] / wall:.0%}" for name in parts)
     note = " (encoder on its own thread: shares overlap)" if profile["overlap"] else ""
     say(f"    profile of that run      {shares} of {wall:.1f} s wall, {profile['steps_run']} decoder calls{note}")

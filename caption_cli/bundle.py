@@ -92,9 +92,20 @@ class Bundle:
         return replace(self, meta=meta)
 
     def tensor_names(self, graph: str) -> tuple[list[str], list[str]]:
-        """(inputs, outputs) of "encoder" or "decoder", in the contract's order."""
+        """(inputs, outputs) of "encoder", "decoder" or "scorer", in the contract's order."""
         names = self.meta["tensors"][graph]
         return list(names["inputs"]), list(names["outputs"])
+
+    @property
+    def scorer_path(self) -> Path | None:
+        """The confidence scorer's step (files.scorer), or None for a bundle without one."""
+        name = self.meta["files"].get("scorer")
+        return None if not name else self.path / name
+
+    @property
+    def scorer_encoder_outputs(self) -> list[str]:
+        """The encoder outputs the scorer's step reads (features, keys, hidden0), or []."""
+        return list(self.meta["tensors"]["scorer"]["from_encoder"]) if self.scorer_path else []
 
     @property
     def calibration(self) -> Calibration | None:
@@ -225,6 +236,8 @@ def _check_fields(meta_path: Path, meta: dict) -> None:
         raise bad("files", "file names for encoder, decoder and vocab")
     if not isinstance(files.get("decoder_cpu", ""), str):
         raise bad("files.decoder_cpu", "the file name of the CPU decoder step")
+    if not isinstance(files.get("scorer", ""), str):
+        raise bad("files.scorer", "the file name of the confidence scorer's step")
     tensors = meta.get("tensors")
     for graph, (inputs, outputs) in TENSORS.items():
         names = tensors.get(graph) if isinstance(tensors, dict) else None
@@ -232,8 +245,18 @@ def _check_fields(meta_path: Path, meta: dict) -> None:
                 and _names(names.get("outputs"), len(outputs))):
             raise bad(f"tensors.{graph}", f"{len(inputs)} input and {len(outputs)} output names "
                                           f"({', '.join(inputs)} -> {', '.join(outputs)})")
+    if files.get("scorer"):
+        scorer = tensors.get("scorer")
+        inputs, outputs = TENSORS["decoder"]
+        if not (isinstance(scorer, dict) and _names(scorer.get("inputs"), len(inputs))
+                and _names(scorer.get("outputs"), len(outputs)) and _names(scorer.get("from_encoder"), 3)):
+            raise bad("tensors.scorer", "4 input and 3 output names like the decoder's, and from_encoder: the 3 "
+                                        "encoder outputs the scorer reads (features, keys, hidden0)")
     if meta.get("calibration") is not None:
-        Calibration.from_meta(meta["calibration"], str(meta_path))
+        calibration = Calibration.from_meta(meta["calibration"], str(meta_path))
+        if "scorer_mean_logprob" in calibration.features and not files.get("scorer"):
+            raise BundleError(f"{meta_path}: the calibration reads scorer_mean_logprob but the bundle has no "
+                              f"scorer (files.scorer); re-run caption-cli calibrate")
     hashes = meta.get("sha256")
     if not isinstance(hashes, dict) or not hashes:
         raise bad("sha256", "the sha256 of every bundle file")

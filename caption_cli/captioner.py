@@ -4,7 +4,8 @@ A batch can run as a pipeline: the encoder of chunk i+1 runs on a helper thread 
 the beam search of chunk i runs on the caller's (onnxruntime releases the GIL), so the
 pipeline keeps calling `caption(pixels)` once per batch. On CUDA the decoder step binds
 features and keys to the device once per set of running rows instead of copying them
-in at every step (onnxruntime IO binding).
+in at every step (onnxruntime IO binding). A bundle with a confidence scorer gets one
+more pass per batch: the scorer reads the chosen captions (caption_cli.scoring).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +24,7 @@ from caption_cli.bundle import Bundle
 from caption_cli.confidence import caption_features
 from caption_cli.errors import BundleError
 from caption_cli.results import Alternative, Caption
+from caption_cli.scoring import sequence_logprobs
 from caption_cli import session as sessions
 from caption_cli.session import open_session, session_device
 
@@ -42,12 +45,14 @@ class CaptionTimes:
 
     encoder: encoder.onnx runs (on the helper thread when pipelined, so it can overlap
     search); steps: decoder.onnx runs; search: beam_search wall time, steps included, so
-    search - steps is the search's own Python/numpy work.
+    search - steps is the search's own Python/numpy work; scoring: the confidence
+    scorer's teacher-forced pass (0 without a scorer).
     """
 
     encoder: float = 0.0
     steps: float = 0.0
     search: float = 0.0
+    scoring: float = 0.0
     images: int = 0
     steps_run: int = 0
 
@@ -76,11 +81,15 @@ class Captioner:
         if encoder_chunk is not None and encoder_chunk < 1:
             raise ValueError(f"encoder_chunk must be at least 1, got {encoder_chunk}")
         self.options = (options or SearchOptions()).resolved(bundle.search_defaults)
-        self._encoder, self._decoder, self.bundle = _open_sessions(bundle, device, threads, cpu_decoder)
-        self._encoder_io = bundle.tensor_names("encoder")
+        self._encoder, self._decoder, self._scorer, self.bundle = _open_sessions(bundle, device, threads, cpu_decoder)
+        inputs, outputs = bundle.tensor_names("encoder")
+        self._encoder_io = (inputs, outputs + bundle.scorer_encoder_outputs)
         self._decoder_io = bundle.tensor_names("decoder")
-        _check_names(bundle, "encoder", self._encoder, self._encoder_io)
-        _check_names(self.bundle, "decoder", self._decoder, self._decoder_io)
+        _check_names(bundle.encoder_path, self._encoder, self._encoder_io)
+        _check_names(self.bundle.decoder_path, self._decoder, self._decoder_io)
+        if self._scorer is not None:
+            self._scorer_io = bundle.tensor_names("scorer")
+            _check_names(bundle.scorer_path, self._scorer, self._scorer_io)
         special = bundle.special_tokens
         self._start, self._end = special["start"], special["end"]
         self._banned = never_emitted(special)
@@ -115,6 +124,11 @@ class Captioner:
 
     def encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """pixels uint8 [N, S, S, 3] -> features [N, L, E], keys [N, L, A], hidden0 [N, H]."""
+        features, keys, hidden0 = self._encode_all(pixels)[:3]
+        return features, keys, hidden0
+
+    def _encode_all(self, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
+        """encode()'s three arrays, then, with a scorer, the scorer's own three (one encoder run)."""
         size = self.bundle.image_size
         if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 4
                 and pixels.shape[1:] == (size, size, 3)):
@@ -126,12 +140,12 @@ class Captioner:
         parts = [self._encoder.run(outputs, {name: np.ascontiguousarray(pixels[start:start + chunk])})
                  for start in range(0, len(pixels), chunk)]
         self.times.encoder += time.perf_counter() - started
-        features, keys, hidden0 = parts[0] if len(parts) == 1 else (np.concatenate(p) for p in zip(*parts))
+        encoded = tuple(parts[0] if len(parts) == 1 else (np.concatenate(p) for p in zip(*parts)))
         h, w = self.bundle.grid
-        if features.shape[1] != h * w:
-            raise BundleError(f"{self.bundle.encoder_path}: gives {features.shape[1]} grid cells, "
+        if encoded[0].shape[1] != h * w:
+            raise BundleError(f"{self.bundle.encoder_path}: gives {encoded[0].shape[1]} grid cells, "
                               f"but model.json grid {h}x{w} has {h * w}")
-        return features, keys, hidden0
+        return encoded
 
     def step(self, token: np.ndarray, hidden: np.ndarray, features: np.ndarray,
              keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,76 +189,110 @@ class Captioner:
             return []
         chunk = self.encoder_chunk or len(pixels)
         if not self.overlap or len(pixels) <= chunk:
-            found = self._search(*self.encode(pixels))
+            found = self._search_and_score(self._encode_all(pixels))
         else:
-            found = [hyps for encoded in self._encoded_ahead(pixels, chunk) for hyps in self._search(*encoded)]
+            found = [scored for encoded in self._encoded_ahead(pixels, chunk)
+                     for scored in self._search_and_score(encoded)]
         self.times.images += len(found)
         self._bound = None  # the device copies of the last rows are not needed any more
-        return [self._caption(hypotheses) for hypotheses in found]
+        return [self._caption(hypotheses, scorer_sums) for hypotheses, scorer_sums in found]
 
-    def _encoded_ahead(self, pixels: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def _encoded_ahead(self, pixels: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, ...]]:
         """encode() of each chunk in order, the next one already running on the helper
         thread while the caller searches this one."""
         if self._helper is None:
             self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-cli-encoder")
-        ahead: Future = self._helper.submit(self.encode, pixels[:chunk])
+        ahead: Future = self._helper.submit(self._encode_all, pixels[:chunk])
         for start in range(0, len(pixels), chunk):
             encoded = ahead.result()
             if start + chunk < len(pixels):
-                ahead = self._helper.submit(self.encode, pixels[start + chunk:start + 2 * chunk])
+                ahead = self._helper.submit(self._encode_all, pixels[start + chunk:start + 2 * chunk])
             yield encoded
 
-    def _search(self, features: np.ndarray, keys: np.ndarray, hidden0: np.ndarray) -> list[list[Hypothesis]]:
+    def _search_and_score(self, encoded: tuple[np.ndarray, ...]) -> list[tuple[list[Hypothesis], list[float] | None]]:
+        """Each image's hypotheses, with the scorer's log-probability sum of each (None without a scorer)."""
         started = time.perf_counter()
         try:
-            return beam_search(self.step, features, keys, hidden0, self.options,
-                               start_id=self._start, end_id=self._end, banned_ids=self._banned,
-                               no_end_after=self._no_end_after)
+            found = beam_search(self.step, *encoded[:3], self.options, start_id=self._start, end_id=self._end,
+                                banned_ids=self._banned, no_end_after=self._no_end_after)
         finally:
             self.times.search += time.perf_counter() - started
+        if self._scorer is None:
+            return [(hypotheses, None) for hypotheses in found]
+        return list(zip(found, self._score(found, *encoded[3:])))
 
-    def _caption(self, hypotheses: list[Hypothesis]) -> Caption:
+    def _score(self, found: list[list[Hypothesis]], features: np.ndarray, keys: np.ndarray,
+               hidden0: np.ndarray) -> list[list[float]]:
+        """The scorer's log-probability of every hypothesis, over the tokens the search scored
+        (the words, and <end> when the caption ended), so both means share a length."""
+        sequences, image_of = [], []
+        for image, hypotheses in enumerate(found):
+            for hyp in hypotheses:
+                ended = hyp.length > len(hyp.tokens)
+                sequences.append(list(hyp.tokens) + ([self._end] if ended else []))
+                image_of.append(image)
+        started = time.perf_counter()
+        inputs, outputs = self._scorer_io
+
+        def step(*feeds: np.ndarray) -> list[np.ndarray]:
+            return self._scorer.run(outputs, dict(zip(inputs, feeds)))
+
+        sums = sequence_logprobs(step, sequences, image_of, features, keys, hidden0, start_id=self._start)
+        self.times.scoring += time.perf_counter() - started
+        out, row = [], 0
+        for hypotheses in found:
+            out.append([float(v) for v in sums[row:row + len(hypotheses)]])
+            row += len(hypotheses)
+        return out
+
+    def _caption(self, hypotheses: list[Hypothesis], scorer_sums: list[float] | None) -> Caption:
         best = hypotheses[0]
         words = [self.bundle.vocab[t] for t in best.tokens]
         h, w = self.bundle.grid
+        values = [caption_features(hyp.logprob, hyp.length, len(hyp.tokens),
+                                   None if scorer_sums is None else scorer_sums[i])
+                  for i, hyp in enumerate(hypotheses)]
         alternatives = [Alternative(" ".join(self.bundle.vocab[t] for t in hyp.tokens), hyp.score,
-                                    self._confidence(hyp)) for hyp in hypotheses]
+                                    self._confidence(features)) for hyp, features in zip(hypotheses, values)]
         return Caption(
             text=" ".join(words), score=best.score, words=words,
             attention=best.attention.reshape(len(words), h, w).astype(np.float32),
             alternatives=alternatives, confidence=alternatives[0].confidence,
-            mean_logprob=caption_features(best.logprob, best.length, len(words))["mean_logprob"])
+            mean_logprob=values[0]["mean_logprob"], scorer_mean_logprob=values[0].get("scorer_mean_logprob"))
 
-    def _confidence(self, hypothesis: Hypothesis) -> float | None:
+    def _confidence(self, values: dict[str, float]) -> float | None:
         if self._calibration is None:
             return None
-        values = caption_features(hypothesis.logprob, hypothesis.length, len(hypothesis.tokens))
         return round(self._calibration.confidence(values), 4)
 
 
-def _open_sessions(bundle: Bundle, device: str, threads: int | None,
-                   cpu_decoder: bool) -> tuple[ort.InferenceSession, ort.InferenceSession, Bundle]:
-    """The encoder and decoder sessions, on the same device; on a CPU the decoder is the
-    bundle's int8 step when it has one (and with it that step's model id, hence the
-    returned bundle). Where only the CPU can be meant, both sessions are built at once on
-    two threads (onnxruntime lets go of the GIL for part of it): 0.054 s instead of 0.07; where
-    CUDA may start, the decoder waits to follow the device the encoder really got."""
+Sessions = tuple[ort.InferenceSession, ort.InferenceSession, "ort.InferenceSession | None", Bundle]
+
+
+def _open_sessions(bundle: Bundle, device: str, threads: int | None, cpu_decoder: bool) -> Sessions:
+    """The encoder, decoder and (when the bundle has one) scorer sessions, on the same
+    device; on a CPU the decoder is the bundle's int8 step when it has one (and with it
+    that step's model id, hence the returned bundle). Where only the CPU can be meant,
+    the sessions are built at once on threads (onnxruntime lets go of the GIL for part
+    of it): 0.054 s instead of 0.07 for two; where CUDA may start, the others wait to
+    follow the device the encoder really got."""
+    scorer_path = bundle.scorer_path
     if device == "cpu" or (device == "auto" and not sessions.cuda_built_in()):
         chosen = bundle.for_device("cpu") if cpu_decoder else bundle
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="caption-cli-session") as pool:
             decoder = pool.submit(open_session, chosen.decoder_path, "cpu", threads=threads)
+            scorer = pool.submit(open_session, scorer_path, "cpu", threads=threads) if scorer_path else None
             encoder = open_session(bundle.encoder_path, "cpu", threads=threads)
-            return encoder, decoder.result(), chosen
+            return encoder, decoder.result(), scorer.result() if scorer else None, chosen
     encoder = open_session(bundle.encoder_path, device, threads=threads)
     on = session_device(encoder)
     chosen = bundle.for_device(on) if cpu_decoder else bundle
-    return encoder, open_session(chosen.decoder_path, on, threads=threads), chosen
+    scorer = open_session(scorer_path, on, threads=threads) if scorer_path else None
+    return encoder, open_session(chosen.decoder_path, on, threads=threads), scorer, chosen
 
 
-def _check_names(bundle: Bundle, graph: str, session: ort.InferenceSession,
-                 names: tuple[list[str], list[str]]) -> None:
+def _check_names(path: Path, session: ort.InferenceSession, names: tuple[list[str], list[str]]) -> None:
     """model.json's tensor names must be the graph's, or every run would fail later."""
-    path = bundle.encoder_path if graph == "encoder" else bundle.decoder_path
     have_in = {i.name for i in session.get_inputs()}
     have_out = {o.name for o in session.get_outputs()}
     for kind, wanted, have in (("input", names[0], have_in), ("output", names[1], have_out)):

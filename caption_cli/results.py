@@ -33,6 +33,7 @@ class Caption:
     alternatives: list[Alternative] = field(default_factory=list)  # best first, includes the best
     confidence: float | None = None  # calibrated P(acceptable) in [0, 1]; None: the bundle has no calibration
     mean_logprob: float | None = None  # per token, <end> included: what the calibration reads
+    scorer_mean_logprob: float | None = None  # the bundle's confidence scorer's, same tokens; None: no scorer
 
 
 @dataclass

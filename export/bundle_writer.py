@@ -24,12 +24,14 @@ from caption_cli.bundle import FORMAT, FORMAT_VERSION, sha256_file
 from caption_cli.bundle import SPECIAL_TOKENS as BUNDLE_SPECIAL_TOKENS
 from caption_cli.errors import CaptionCliError
 from export.onnx_export import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, IR_VERSION,
-                                OPSET, export_decoder, export_encoder, half_decoder_reference)
-from export.parity import ParityError, check_parity, probe_pixels
+                                OPSET, SCORER_ENCODER_OUTPUTS, export_decoder, export_encoder,
+                                half_decoder_reference)
+from export.parity import ParityError, check_parity, check_scorer, probe_pixels
 from training.backbone import EfficientNetLite, load_backbone
 from training.model import ModelConfig, ShowAttendTell
 
 FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "vocab": "vocab.json"}
+SCORER_FILE = "scorer.int8.onnx"  # the confidence scorer's decoder step (int8 weights)
 SPECIAL_TOKENS = tuple(BUNDLE_SPECIAL_TOKENS.values())  # ids 0..3, in this order
 DEFAULT_SEARCH = {"beam_size": 3, "length_penalty": 0.7, "alternatives": 3}
 
@@ -59,10 +61,36 @@ def _check_search(search: dict) -> None:
                           f"model.json's search options are {', '.join(DEFAULT_SEARCH)}")
 
 
+def _check_scorer(model: ShowAttendTell, scorer: ShowAttendTell) -> None:
+    """The scorer reads the main model's captions off the same backbone grid: same grid,
+    same channels, same vocabulary size and special ids (the words themselves are checked
+    where both vocabularies are known, in export_checkpoint)."""
+    ours, theirs = model.cfg, scorer.cfg
+    for field in ("grid", "feature_dim", "vocab_size", "special"):
+        if getattr(ours, field) != getattr(theirs, field):
+            raise ExportError(f"the scorer's {field} ({getattr(theirs, field)}) differs from the model's "
+                              f"({getattr(ours, field)}); the scorer must share the backbone and vocabulary")
+
+
 def _model_json(model: ShowAttendTell, backbone: EfficientNetLite, folder: Path, *, name: str, max_length: int,
-                search: dict, training: dict, scores: dict, half_decoder: bool) -> dict:
+                search: dict, training: dict, scores: dict, half_decoder: bool, cpu_decoder: bool,
+                scorer: dict | None) -> dict:
     cfg, spec = model.cfg, backbone.spec
-    return {
+    files = dict(FILES)
+    tensors = {"encoder": {"inputs": ENCODER_INPUTS, "outputs": ENCODER_OUTPUTS},
+               "decoder": {"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS}}
+    onnx_meta = {"opset": OPSET, "ir_version": IR_VERSION, "decoder_weights": "float16" if half_decoder else "float32"}
+    if cpu_decoder:
+        from export.quantize import CPU_DECODER_FILE
+
+        files["decoder_cpu"] = CPU_DECODER_FILE
+        onnx_meta["decoder_cpu_weights"] = "int8"
+    if scorer is not None:
+        files["scorer"] = SCORER_FILE
+        tensors["scorer"] = {"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS,
+                             "from_encoder": SCORER_ENCODER_OUTPUTS}
+        onnx_meta["scorer_weights"] = "int8"
+    meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -74,14 +102,16 @@ def _model_json(model: ShowAttendTell, backbone: EfficientNetLite, folder: Path,
         "special_tokens": {"pad": 0, "start": 1, "end": 2, "unk": 3},
         "max_length": max_length,
         "search": {**DEFAULT_SEARCH, **search},
-        "files": dict(FILES),
-        "tensors": {"encoder": {"inputs": ENCODER_INPUTS, "outputs": ENCODER_OUTPUTS},
-                    "decoder": {"inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS}},
-        "onnx": {"opset": OPSET, "ir_version": IR_VERSION, "decoder_weights": "float16" if half_decoder else "float32"},
+        "files": files,
+        "tensors": tensors,
+        "onnx": onnx_meta,
         "training": training,
         "scores": scores,
-        "sha256": {filename: sha256_file(folder / filename) for filename in FILES.values()},
+        "sha256": {filename: sha256_file(folder / filename) for filename in files.values()},
     }
+    if scorer is not None:
+        meta["scorer"] = scorer
+    return meta
 
 
 def _replace_dir(ready: Path, out_dir: Path) -> None:
@@ -107,7 +137,8 @@ def _replace_dir(ready: Path, out_dir: Path) -> None:
 def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Sequence[str], out_dir: Path, *,
                  name: str, max_length: int, search: dict | None = None, training: dict | None = None,
                  scores: dict | None = None, verify: Callable[[Path], Any] | None = None,
-                 half_decoder: bool = False, optimise_decoder: bool = True) -> Path:
+                 half_decoder: bool = False, optimise_decoder: bool = True, cpu_decoder: bool = False,
+                 scorer: ShowAttendTell | None = None, scorer_info: dict | None = None) -> Path:
     """Write the bundle to `out_dir` atomically and return its path.
 
     max_length: most tokens the search may generate per caption, <end> included.
@@ -116,11 +147,20 @@ def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Seque
     computes in float32). The graph then matches half_decoder_reference(model), not `model`.
     optimise_decoder: the decoder rewrites of export.decoder_passes (same maths, less time per
     step); False writes the step exactly as traced.
+    cpu_decoder: also write decoder.int8.onnx (export.quantize), the step CPUs run, quantised
+    from the fully rewritten step; decoder.onnx, then only CUDA's, keeps its GRU input
+    projection unfolded (19 MB smaller for a 3,156-word vocabulary, same maths).
     verify: called with the finished temporary folder before it is moved into place;
     raising there (e.g. a failed parity check) leaves `out_dir` as it was.
+    scorer: a cross-entropy-trained model on the same backbone and vocabulary whose
+    teacher-forced log-probability of each caption feeds the confidence map (docs/bundle.md,
+    "confidence scorer"); its projection joins encoder.onnx and its step, float16-rounded
+    and then int8, becomes scorer.int8.onnx. scorer_info: model.json's `scorer` (provenance).
     """
     out_dir = Path(out_dir).absolute()
     _check_parts(model, backbone, vocab)
+    if scorer is not None:
+        _check_scorer(model, scorer)
     _check_search(search or {})
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -128,11 +168,18 @@ def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Seque
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the bundle private to its writer
     try:
-        export_encoder(model, backbone, tmp / FILES["encoder"])
-        export_decoder(model, tmp / FILES["decoder"], half_weights=half_decoder, optimise=optimise_decoder)
+        export_encoder(model, backbone, tmp / FILES["encoder"], scorer)
+        export_decoder(model, tmp / FILES["decoder"], half_weights=half_decoder, optimise=optimise_decoder,
+                       fold_embedding=not cpu_decoder)
+        if cpu_decoder:
+            _export_cpu_step(model, tmp, half_decoder)
+        if scorer is not None:
+            _export_scorer_step(scorer, tmp)
         (tmp / FILES["vocab"]).write_text(json.dumps(list(vocab), ensure_ascii=False), encoding="utf-8")
         meta = _model_json(model, backbone, tmp, name=name, max_length=max_length, search=search or {},
-                           training=training or {}, scores=scores or {}, half_decoder=half_decoder)
+                           training=training or {}, scores=scores or {}, half_decoder=half_decoder,
+                           cpu_decoder=cpu_decoder,
+                           scorer=None if scorer is None else {**(scorer_info or {}), "weights": "int8"})
         text = json.dumps(meta, indent=2, ensure_ascii=False, default=str)  # str(): Paths in a train config
         (tmp / "model.json").write_text(text + "\n", encoding="utf-8")
         if verify is not None:
@@ -141,6 +188,32 @@ def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Seque
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return out_dir
+
+
+def _export_cpu_step(model: ShowAttendTell, folder: Path, half_decoder: bool) -> None:
+    """decoder.int8.onnx: the fully rewritten step (embedding table folded), quantised."""
+    from export.quantize import CPU_DECODER_FILE, quantise_decoder
+
+    float_step = folder / ".decoder.folded.onnx"
+    export_decoder(model, float_step, half_weights=half_decoder)
+    try:
+        quantise_decoder(float_step, folder / CPU_DECODER_FILE)
+    finally:
+        float_step.unlink(missing_ok=True)
+
+
+def _export_scorer_step(scorer: ShowAttendTell, folder: Path) -> None:
+    """scorer.int8.onnx: the scorer's step with float16-rounded weights, then onnxruntime's
+    int8 quantisation (export.quantize). Only the int8 file ships: the scorer reads each
+    caption once, so it needs no float twin for a GPU, and the bundle stays under 80 MB."""
+    from export.quantize import quantise_decoder
+
+    float_step = folder / ".scorer.float.onnx"
+    export_decoder(scorer, float_step, half_weights=True)
+    try:
+        quantise_decoder(float_step, folder / SCORER_FILE)
+    finally:
+        float_step.unlink(missing_ok=True)
 
 
 REQUIRED_KEYS = ("model", "model_config", "backbone", "vocab")
@@ -200,13 +273,17 @@ def default_name(data: dict) -> str:
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, *, name: str | None = None, scores: dict | None = None,
-                      check: bool = True, half_decoder: bool = False, search: dict | None = None) -> Path:
+                      check: bool = True, half_decoder: bool = False, search: dict | None = None,
+                      cpu_decoder: bool = False, scorer_checkpoint: Path | None = None) -> Path:
     """Build a bundle from a training checkpoint; with `check`, refuse one that fails parity.
 
     half_decoder: float16 decoder weights (see write_bundle); parity is then checked against
     the float16-rounded PyTorch model, which the graph matches exactly.
     search: model.json's default search options (beam_size, length_penalty, alternatives);
     None keeps DEFAULT_SEARCH.
+    cpu_decoder: also write the int8 CPU step (see write_bundle), checked against the float one.
+    scorer_checkpoint: a cross-entropy checkpoint on the same backbone and vocabulary (for
+    an SCST model, the one it was fine-tuned from) to ship as the confidence scorer.
 
     Raises ExportError for an unusable checkpoint or destination, ParityError when the
     ONNX graphs disagree with PyTorch (out_dir is then left untouched).
@@ -221,22 +298,57 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, *, name: str | None = Non
         "epochs": data.get("epoch"), "step": data.get("step"), "config": data.get("train_config") or {},
     }
 
+    scorer, scorer_info = None, None
+    if scorer_checkpoint is not None:
+        scorer, scorer_info = _load_scorer(Path(scorer_checkpoint), data, backbone)
     try:
         reference = half_decoder_reference(model) if half_decoder else model
+        scorer_reference = half_decoder_reference(scorer) if scorer is not None else None
     except ValueError as exc:  # a weight beyond float16's range
         raise ExportError(f"{checkpoint}: {exc}") from None
 
     def verify(folder: Path) -> None:
-        report = check_parity(reference, backbone, folder, probe_pixels(backbone.spec.image_size))
+        pixels = probe_pixels(backbone.spec.image_size)
+        report = check_parity(reference, backbone, folder, pixels)
         if not report.ok:
             raise ParityError(f"{checkpoint}: ONNX export disagrees with PyTorch; {report.summary()}")
+        if cpu_decoder:
+            from caption_cli.bundle import load_bundle
+            from export.quantize import CPU_DECODER_FILE, check_cpu_decoder
+
+            check_cpu_decoder(load_bundle(folder), folder / CPU_DECODER_FILE)
+        if scorer_reference is not None:
+            scored = check_scorer(scorer_reference, backbone, folder, pixels)
+            if not scored.ok:
+                raise ParityError(f"{scorer_checkpoint}: the scorer's ONNX graphs disagree with PyTorch; "
+                                  f"{scored.summary()}")
 
     return write_bundle(
         model, backbone, list(data["vocab"]), out_dir, name=name or default_name(data),
         max_length=model.cfg.max_length - 1,  # cfg counts <start>; the search generates the rest
         search=search, training=training, scores=scores if scores is not None else data.get("scores"),
-        verify=verify if check else None, half_decoder=half_decoder,
+        verify=verify if check else None, half_decoder=half_decoder, cpu_decoder=cpu_decoder,
+        scorer=scorer, scorer_info=scorer_info,
     )
+
+
+def _load_scorer(path: Path, data: dict, backbone: EfficientNetLite) -> tuple[ShowAttendTell, dict]:
+    """The scorer model from its checkpoint, refused unless it shares the caption model's
+    backbone and vocabulary word for word; and its provenance for model.json."""
+    scorer_data = load_checkpoint(path)
+    scorer, scorer_backbone = model_from_checkpoint(scorer_data, path)
+    if scorer_backbone.spec != backbone.spec:
+        raise ExportError(f"{path}: the scorer's backbone ({scorer_backbone.spec.name} at "
+                          f"{scorer_backbone.spec.image_size} px) is not the model's ({backbone.spec.name} at "
+                          f"{backbone.spec.image_size} px)")
+    if list(scorer_data["vocab"]) != list(data["vocab"]):
+        raise ExportError(f"{path}: the scorer's vocabulary differs from the model's; it could not score its words")
+    dataset = scorer_data.get("dataset") or {}
+    return scorer, {"role": "teacher-forced mean log-probability of each caption (calibration feature "
+                            "scorer_mean_logprob)",
+                    "dataset": dataset.get("name"), "images": dataset.get("images"),
+                    "epochs": scorer_data.get("epoch"), "step": scorer_data.get("step"),
+                    "selection": scorer_data.get("scores")}
 
 
 def update_model_json(bundle_dir: Path, change: Callable[[dict], None]) -> Path:

@@ -39,22 +39,32 @@ OPSET = 17
 IR_VERSION = 8
 ENCODER_INPUTS = ["pixels"]
 ENCODER_OUTPUTS = ["features", "keys", "hidden0"]
+# With a confidence scorer (a second, cross-entropy-trained model on the same backbone), the
+# encoder also gives the scorer's own projection of the grid, after the three above.
+SCORER_ENCODER_OUTPUTS = ["scorer_features", "scorer_keys", "scorer_hidden0"]
 DECODER_INPUTS = ["token", "hidden", "features", "keys"]
 DECODER_OUTPUTS = ["logprobs", "hidden_out", "attention"]
 HALF_MIN_ELEMENTS = 1024  # smaller tensors (biases) stay float32: a Cast node there saves almost nothing
 
 
 class EncoderGraph(nn.Module):
-    """What encoder.onnx computes: pixels -> backbone grid -> per-image decoder inputs."""
+    """What encoder.onnx computes: pixels -> backbone grid -> per-image decoder inputs
+    (and, with a scorer, the scorer's decoder inputs from the same grid: the backbone,
+    nearly all of the encoder's cost, runs once for both)."""
 
-    def __init__(self, model: ShowAttendTell, backbone: EfficientNetLite) -> None:
+    def __init__(self, model: ShowAttendTell, backbone: EfficientNetLite,
+                 scorer: ShowAttendTell | None = None) -> None:
         super().__init__()
         self.grid = PixelsToGrid(backbone)
         self.encoder = model.encoder
+        self.scorer = scorer.encoder if scorer is not None else None
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         grid = self.grid(pixels)  # [N, L, D]
-        return self.encoder(grid)  # [N, L, E], [N, L, A], [N, H]
+        outputs = self.encoder(grid)  # [N, L, E], [N, L, A], [N, H]
+        if self.scorer is None:
+            return outputs
+        return (*outputs, *self.scorer(grid))  # + the scorer's [N, L, E'], [N, L, A'], [N, H']
 
 
 class DecoderGraph(nn.Module):
@@ -151,7 +161,7 @@ def _quiet_trace() -> Iterator[None]:
 
 
 def _finish(path: Path, shapes: dict[str, list[int | str]], half_weights: bool = False,
-            optimise_step: bool = False) -> None:
+            optimise_step: bool = False, fold_embedding: bool = True) -> None:
     """Fold the padding into the convolutions, name every output dimension, pin the IR
     version old runtimes accept, run onnx's checker.
 
@@ -181,33 +191,48 @@ def _finish(path: Path, shapes: dict[str, list[int | str]], half_weights: bool =
     if optimise_step:
         from export.decoder_passes import optimise_decoder
 
-        optimise_decoder(proto)
+        optimise_decoder(proto, fold_embedding=fold_embedding)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
 
 
-def export_encoder(model: ShowAttendTell, backbone: EfficientNetLite, path: Path) -> Path:
-    """Write encoder.onnx; dynamic N, fixed S (the backbone's 'SAME' padding is baked in)."""
-    graph = _frozen_copy(EncoderGraph(model, backbone))
+def export_encoder(model: ShowAttendTell, backbone: EfficientNetLite, path: Path,
+                   scorer: ShowAttendTell | None = None) -> Path:
+    """Write encoder.onnx; dynamic N, fixed S (the backbone's 'SAME' padding is baked in).
+
+    scorer: a second model on the same backbone whose projection the encoder also outputs
+    (SCORER_ENCODER_OUTPUTS), for the confidence scorer's teacher-forced pass.
+    """
+    graph = _frozen_copy(EncoderGraph(model, backbone, scorer))
     cfg, size = model.cfg, backbone.spec.image_size
     L = cfg.grid[0] * cfg.grid[1]
     dummy = torch.zeros(2, size, size, 3, dtype=torch.uint8)  # pixels [N, S, S, 3]
-    axes = {"pixels": {0: "N"}, "features": {0: "N"}, "keys": {0: "N"}, "hidden0": {0: "N"}}
+    outputs = ENCODER_OUTPUTS + (SCORER_ENCODER_OUTPUTS if scorer is not None else [])
+    shapes: dict[str, list[int | str]] = {
+        "pixels": ["N", size, size, 3], "features": ["N", L, cfg.encoder_dim],
+        "keys": ["N", L, cfg.attention_dim], "hidden0": ["N", cfg.hidden_dim]}
+    if scorer is not None:
+        own = scorer.cfg
+        shapes.update({"scorer_features": ["N", L, own.encoder_dim], "scorer_keys": ["N", L, own.attention_dim],
+                       "scorer_hidden0": ["N", own.hidden_dim]})
+    axes = {name: {0: "N"} for name in ENCODER_INPUTS + outputs}
     with torch.no_grad(), _quiet_trace():
-        torch.onnx.export(graph, (dummy,), str(path), input_names=ENCODER_INPUTS, output_names=ENCODER_OUTPUTS,
+        torch.onnx.export(graph, (dummy,), str(path), input_names=ENCODER_INPUTS, output_names=outputs,
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    _finish(path, {"pixels": ["N", size, size, 3], "features": ["N", L, cfg.encoder_dim],
-                   "keys": ["N", L, cfg.attention_dim], "hidden0": ["N", cfg.hidden_dim]})
+    _finish(path, shapes)
     return path
 
 
-def export_decoder(model: ShowAttendTell, path: Path, *, half_weights: bool = False, optimise: bool = True) -> Path:
+def export_decoder(model: ShowAttendTell, path: Path, *, half_weights: bool = False, optimise: bool = True,
+                   fold_embedding: bool = True) -> Path:
     """Write decoder.onnx: one step, dynamic B (images x beams).
 
     half_weights: round the step's weights to float16 and store the large ones as float16
     (about half the file); the graph still computes in float32, exactly like
     half_decoder_reference(model). The caller's model is never changed.
-    optimise: apply export.decoder_passes (False gives the graph exactly as traced).
+    optimise: apply export.decoder_passes (False gives the graph exactly as traced);
+    fold_embedding: with optimise, also precompute the per-word GRU input table (faster on a
+    CPU, but a float32 [V, 3H] table; see decoder_passes.optimise_decoder).
     """
     graph = _frozen_copy(DecoderGraph(model))
     if half_weights:
@@ -228,5 +253,5 @@ def export_decoder(model: ShowAttendTell, path: Path, *, half_weights: bool = Fa
     _finish(path, {"token": ["B"], "hidden": ["B", cfg.hidden_dim], "features": ["B", L, cfg.encoder_dim],
                    "keys": ["B", L, cfg.attention_dim], "logprobs": ["B", cfg.vocab_size],
                    "hidden_out": ["B", cfg.hidden_dim], "attention": ["B", L]},
-            half_weights=half_weights, optimise_step=optimise)
+            half_weights=half_weights, optimise_step=optimise, fold_embedding=fold_embedding)
     return path

@@ -122,9 +122,7 @@ def add_cpu_decoder(bundle_dir: Path, *, tolerance: float = 0.25) -> dict[str, A
     os.close(fd)
     try:
         quantise_decoder(bundle.decoder_path, Path(temporary))
-        check = _compare_steps(bundle, bundle.decoder_path, Path(temporary))
-        if check["max_difference"] > tolerance or check["same_next_word"] < 0.95:
-            raise ValueError(f"{bundle_dir}: the int8 decoder strays too far from the float one: {check}")
+        check = check_cpu_decoder(bundle, Path(temporary), tolerance=tolerance)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would make the file private to its writer
@@ -141,6 +139,16 @@ def add_cpu_decoder(bundle_dir: Path, *, tolerance: float = 0.25) -> dict[str, A
     return {**check, "bytes": target.stat().st_size}
 
 
+def check_cpu_decoder(bundle: Any, int8_path: Path, *, tolerance: float = 0.25) -> dict[str, float]:
+    """The int8 step against the bundle's float step on the same rows; ValueError when
+    an attention weight or hidden value strays beyond `tolerance` or the most likely
+    next word differs on more than 5% of the rows."""
+    check = _compare_steps(bundle, bundle.decoder_path, int8_path)
+    if check["max_difference"] > tolerance or check["same_next_word"] < 0.95:
+        raise ValueError(f"{bundle.path}: the int8 decoder strays too far from the float one: {check}")
+    return check
+
+
 def _compare_steps(bundle: Any, float_path: Path, int8_path: Path, rows: int = 64) -> dict[str, float]:
     """One step of both graphs on the same realistic rows: the encoder's output for random pixels."""
     import onnxruntime as ort
@@ -149,7 +157,8 @@ def _compare_steps(bundle: Any, float_path: Path, int8_path: Path, rows: int = 6
     size = bundle.image_size
     pixels = rng.integers(0, 256, (rows, size, size, 3), dtype=np.uint8)
     encoder = ort.InferenceSession(str(bundle.encoder_path), providers=["CPUExecutionProvider"])
-    features, keys, hidden = encoder.run(None, {encoder.get_inputs()[0].name: pixels})
+    (pixels_name,), encoder_outputs = bundle.tensor_names("encoder")
+    features, keys, hidden = encoder.run(encoder_outputs, {pixels_name: pixels})
     token = np.full(rows, bundle.special_tokens["start"], dtype=np.int64)
     inputs, _ = bundle.tensor_names("decoder")
     feed = dict(zip(inputs, (token, hidden, features, keys)))

@@ -74,6 +74,22 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_parts: TinyParts)
                         scores={"split": "none", "engine": "none"})
 
 
+TINY_SCORER_SEED = 5
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_parts: TinyParts) -> Path:
+    """The tiny bundle with a confidence scorer: another random model on the same backbone
+    and vocabulary (build_tiny_parts(TINY_SCORER_SEED)), as export --scorer writes it."""
+    from export.bundle_writer import write_bundle
+
+    scorer = build_tiny_parts(TINY_SCORER_SEED).model
+    out = tmp_path_factory.mktemp("bundles") / "tiny-scorer"
+    return write_bundle(tiny_parts.model, tiny_parts.backbone, tiny_parts.vocab, out, name="tiny-random",
+                        max_length=TINY_MAX_LENGTH, search=dict(TINY_SEARCH), scorer=scorer,
+                        scorer_info={"dataset": "tiny-random"})
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_parts: TinyParts) -> Path:
     """A training checkpoint of the tiny model, in the format training/train.py writes."""

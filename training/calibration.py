@@ -2,8 +2,8 @@
 
 "Acceptable" is decided per image by CIDEr against that image's references: a caption
 at or above the threshold counts as acceptable. A logistic regression from the search's
-own numbers (mean token log-probability, caption length) to that outcome is Platt
-scaling: smooth, monotone in the log-probability, three numbers in model.json, and
+own numbers (mean token log-probability, caption length; and the confidence scorer's
+mean log-probability when the bundle has one) to that outcome is Platt scaling: smooth, monotone in the log-probability, three numbers in model.json, and
 the runtime needs no library to apply it. scikit-learn fits it; the reliability
 diagram bins the result against the observed share of acceptable captions.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caption_cli.confidence import FEATURES, Calibration
+from caption_cli.confidence import PLAIN_FEATURES, SCORER_FEATURES, Calibration
 from caption_cli.results import Caption
 
 DEFAULT_CIDER_THRESHOLD = 0.5  # per-image CIDEr at which a caption counts as acceptable
@@ -37,18 +37,20 @@ class ReliabilityBin:
     share_acceptable: float
 
 
-def feature_matrix(captions: Sequence[Caption], features: Sequence[str] = FEATURES) -> np.ndarray:
+def feature_matrix(captions: Sequence[Caption], features: Sequence[str] = PLAIN_FEATURES) -> np.ndarray:
     """[N, F] calibration inputs, in the order the bundle lists them."""
     rows = []
     for caption in captions:
-        if caption.mean_logprob is None:
-            raise ValueError(f"caption {caption.text!r} has no mean log-probability to calibrate on")
-        values = {"mean_logprob": caption.mean_logprob, "words": float(len(caption.words))}
+        values = {"mean_logprob": caption.mean_logprob, "words": float(len(caption.words)),
+                  "scorer_mean_logprob": caption.scorer_mean_logprob}
+        missing = [name for name in features if values[name] is None]
+        if missing:
+            raise ValueError(f"caption {caption.text!r} has no {missing[0]} to calibrate on")
         rows.append([values[name] for name in features])
     return np.asarray(rows, dtype=np.float64)
 
 
-def fit(x: np.ndarray, acceptable: np.ndarray, features: Sequence[str] = FEATURES) -> Calibration:
+def fit(x: np.ndarray, acceptable: np.ndarray, features: Sequence[str] = PLAIN_FEATURES) -> Calibration:
     """Logistic regression (nearly unregularised) of acceptable [N] on x [N, F]."""
     from sklearn.linear_model import LogisticRegression
 
@@ -87,6 +89,16 @@ def quality(confidence: np.ndarray, acceptable: np.ndarray, bins: int = DEFAULT_
     ece = sum(b.count / n * abs(b.mean_confidence - b.share_acceptable) for b in table)
     return {"ece": round(float(ece), 4), "brier": round(float(brier_score_loss(acceptable, confidence)), 4),
             "acceptable_share": round(float(np.mean(acceptable)), 4), "images": n}
+
+
+def _auc(confidence: np.ndarray, acceptable: np.ndarray) -> float | None:
+    """How well confidence ranks acceptable captions above the rest (0.5: not at all);
+    None when every caption is on one side."""
+    from sklearn.metrics import roc_auc_score
+
+    if not 0 < np.sum(acceptable) < len(acceptable):
+        return None
+    return round(float(roc_auc_score(acceptable, confidence)), 4)
 
 
 def kept_at(confidence: np.ndarray, acceptable: np.ndarray, minimum: float) -> dict[str, float]:
@@ -156,18 +168,21 @@ def run_calibration(bundle_dir: Path | None, dataset, split: str, *, beam: int |
     captions = bundle_captions(bundle_dir, dataset, records, [beam], device)[beam]
     references = {r.image_id: list(r.captions) for r in records}
     ids, cider, acceptable = acceptable_by_cider(references, {i: c.text for i, c in captions.items()}, threshold)
-    x = feature_matrix([captions[i] for i in ids])
     if fit_map:
-        calibration = fit(x, acceptable)
+        features = SCORER_FEATURES if bundle.scorer_path is not None else PLAIN_FEATURES
+        x = feature_matrix([captions[i] for i in ids], features)
+        calibration = fit(x, acceptable, features)
     elif bundle.calibration is None:
         raise ValueError(f"{bundle.path}: has no calibration to check; run caption-cli calibrate on val first")
     else:
         calibration = bundle.calibration
+        x = feature_matrix([captions[i] for i in ids], calibration.features)
     confidence = confidences(calibration, x)
     table = reliability(confidence, acceptable)
     report = {
         "split": split, "beam_size": beam, "acceptable": {"metric": "CIDEr", "threshold": threshold},
         "quality": quality(confidence, acceptable),
+        "auc": _auc(confidence, acceptable),
         "mean_cider": round(float(cider.mean()), 4),
         "kept": [kept_at(confidence, acceptable, m) for m in (0.3, 0.5, 0.7)],
         "bins": [b.__dict__ for b in table],

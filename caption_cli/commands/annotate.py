@@ -696,6 +696,7 @@ def info(
         "scores": meta.get("scores", {}),
         "training": {k: v for k, v in meta.get("training", {}).items() if k != "config"},
         "calibration": meta.get("calibration"),
+        "scorer": meta.get("scorer") if meta.get("files", {}).get("scorer") else None,
         "providers_available": onnxruntime.get_available_providers(),
         "providers": list(captioner.providers),
         "device": captioner.device,
@@ -708,6 +709,9 @@ def info(
     for index, line in enumerate(_score_lines(data["scores"], data["search"].get("beam_size"))):
         typer.echo(f"{'scores:' if index == 0 else '':<11}{line}")
     typer.echo(f"confidence: {_calibration_line(meta.get('calibration'))}")
+    if data["scorer"] is not None:
+        typer.echo(f"{'':<11}read with a scorer ({meta['files']['scorer']}: a cross-entropy model's "
+                   f"log-probability of each caption)")
     typer.echo(f"providers: {', '.join(data['providers_available'])} (available)")
     typer.echo(f"device:    {data['device']} ({', '.join(data['providers'])})")
 

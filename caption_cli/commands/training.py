@@ -151,6 +151,10 @@ def export(
     int8_cpu_decoder: Annotated[bool, typer.Option(
         "--int8-cpu-decoder", help="Also write an int8 decoder step that CPUs run (~1.5-1.8x faster steps, "
                                    "captions change slightly; its own model id).")] = False,
+    scorer: Annotated[Optional[Path], typer.Option(
+        "--scorer", exists=True, dir_okay=False,
+        help="Cross-entropy checkpoint (same backbone and vocabulary) whose log-probability of each caption "
+             "the confidence map reads; for an SCST model, the checkpoint it was fine-tuned from.")] = None,
 ) -> None:
     """Export a checkpoint to a parity-checked, checksummed ONNX model bundle.
 
@@ -163,12 +167,7 @@ def export(
         measured = json.loads(scores.read_text()) if scores else None
         search = {k: v for k, v in {"beam_size": beam, "length_penalty": length_penalty}.items() if v is not None}
         path = export_checkpoint(checkpoint, out, name=name, scores=measured, half_decoder=half_decoder,
-                                 search=search or None)
-        if int8_cpu_decoder:
-            from export.quantize import add_cpu_decoder
-
-            check = add_cpu_decoder(path)
-            err.print(f"int8 CPU decoder added: next word agrees on {check['same_next_word']:.0%} of probe rows")
+                                 search=search or None, cpu_decoder=int8_cpu_decoder, scorer_checkpoint=scorer)
     except (CaptionCliError, ValueError) as error:
         raise _fail(error) from None
     err.print(f"bundle written to {path}")
