@@ -106,6 +106,28 @@ def test_fit_recovers_a_known_map_and_is_calibrated_on_fresh_data():
     assert quality(flat, fresh_ok)["brier"] > quality(confidence, fresh_ok)["brier"]
 
 
+def test_cross_validation_scores_captions_the_map_never_saw():
+    pytest.importorskip("sklearn")
+    from sklearn.metrics import roc_auc_score
+
+    from training.calibration import cross_validated
+
+    x, acceptable = made_up_scores(4000)
+    truth = 1 / (1 + np.exp(-(3.0 * x[:, 0] + 3.5 - 0.05 * x[:, 1])))
+    report = cross_validated(x, acceptable, ("mean_logprob", "words"))
+    assert report["folds"] == 5
+    assert report["auc"] == pytest.approx(roc_auc_score(acceptable, truth), abs=0.01)  # as good as the truth
+    kept = {k["min_confidence"]: k for k in report["kept"]}
+    assert kept[0.5]["kept"] == pytest.approx(np.mean(truth >= 0.5), abs=0.03)
+    # a score unrelated to the outcome ranks captions no better than chance when judged held out,
+    # however well a fit can memorise it in-sample
+    noise = np.random.default_rng(5).normal(size=(200, 1))
+    labels = np.random.default_rng(6).random(200) < 0.5
+    assert abs(cross_validated(noise, labels, ("mean_logprob",))["auc"] - 0.5) < 0.1
+    with pytest.raises(ValueError, match="fewer than 5 on one side"):
+        cross_validated(x[:50], np.arange(50) < 3, ("mean_logprob", "words"))
+
+
 def test_reliability_bins_by_hand():
     from training.calibration import kept_at, quality, reliability
 

@@ -231,6 +231,13 @@ def test_resumed_scst_refuses_other_data(shapes: dict[str, Path], ce_checkpoint:
     # a fresh SCST run may use other data than its cross-entropy start: no check there
     train_scst(_without_one_train_image(shapes), _scst(shapes, tmp_path / "other", epochs=1), ce_checkpoint,
                log=lambda line: None)
+    # and its checkpoint names the data it trained on, not its start's (export's model.json reads it)
+    other = torch.load(tmp_path / "other" / "last.pt", weights_only=True)["dataset"]
+    source = torch.load(ce_checkpoint, weights_only=True)["dataset"]
+    assert (other["images"], source["images"]) == (7, 8)
+    captions = sum(len(r.captions) for r in _without_one_train_image(shapes).split("train"))
+    assert other["captions"] == captions and other["scst_from"] == source
+    assert other["fingerprint"]["train_images"] == 7
 
 
 def test_scst_refuses_to_overwrite_its_source(shapes: dict[str, Path], ce_checkpoint: Path) -> None:  # noqa: F811

@@ -250,7 +250,15 @@ def train_scst(dataset: DataSet, cfg: ScstConfig, source: Path, resume: bool = F
         log(json.dumps(entry))
         with open(out / "history.jsonl", "a") as fh:
             fh.write(json.dumps(entry) + "\n")
-    dataset_info = checkpoint.get("dataset") or {"name": "custom"}
+    # what THIS stage trained on (export writes it to model.json's training), and the data of
+    # the checkpoint it started from (a resumed run's checkpoint holds it under scst_from; one
+    # written before that field held the start's data as its own)
+    source_data = checkpoint.get("dataset") or {}
+    if resumed and "scst_from" in source_data:
+        source_data = source_data["scst_from"]
+    dataset_info = {"name": (source_data or {}).get("name", "custom"), "images": len(train_records),
+                    "captions": int(len(train_split.pairs)), "fingerprint": fingerprint,
+                    "scst_from": source_data}
 
     def save(path: Path, scores: dict[str, Any]) -> None:
         write_checkpoint(path, {

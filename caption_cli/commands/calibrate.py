@@ -66,9 +66,19 @@ def calibrate(
     err.print(f"confidence map {verb} on {split} ({q['images']} images, beam {report['beam_size']}): "
               f"{100 * q['acceptable_share']:.0f}% acceptable (CIDEr >= {threshold}), "
               f"ECE {q['ece']:.3f}, Brier {q['brier']:.3f}", highlight=False)
+    if "cross_validated" in report:
+        cv = report["cross_validated"]
+        at = {k["min_confidence"]: k for k in cv["kept"]}
+        err.print(f"  {cv['folds']}-fold cross-validated: AUC {cv['auc']}, Brier {cv['brier']:.3f}, "
+                  f"0.5 keeps {100 * at[0.5]['kept']:.0f}% ({_share(at[0.5])} acceptable)", highlight=False)
     for kept in report["kept"]:
         among = kept["acceptable_among_kept"]
         err.print(f"  --min-confidence {kept['min_confidence']:.1f}: keeps {100 * kept['kept']:.0f}% of captions, "
                   f"{'n/a' if among is None else f'{100 * among:.0f}%'} of them acceptable", highlight=False)
     if diagram is not None:
         err.print(f"reliability diagram: {diagram}", highlight=False)
+
+
+def _share(kept: dict) -> str:
+    among = kept["acceptable_among_kept"]
+    return "n/a" if among is None else f"{100 * among:.0f}%"
