@@ -172,9 +172,11 @@ def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Seque
         export_decoder(model, tmp / FILES["decoder"], half_weights=half_decoder, optimise=optimise_decoder,
                        fold_embedding=not cpu_decoder)
         if cpu_decoder:
-            _export_cpu_step(model, tmp, half_decoder)
+            from export.quantize import CPU_DECODER_FILE
+
+            _export_int8_step(model, tmp, CPU_DECODER_FILE, half_weights=half_decoder)
         if scorer is not None:
-            _export_scorer_step(scorer, tmp)
+            _export_int8_step(scorer, tmp, SCORER_FILE, half_weights=True)
         (tmp / FILES["vocab"]).write_text(json.dumps(list(vocab), ensure_ascii=False), encoding="utf-8")
         meta = _model_json(model, backbone, tmp, name=name, max_length=max_length, search=search or {},
                            training=training or {}, scores=scores or {}, half_decoder=half_decoder,
@@ -190,28 +192,17 @@ def write_bundle(model: ShowAttendTell, backbone: EfficientNetLite, vocab: Seque
     return out_dir
 
 
-def _export_cpu_step(model: ShowAttendTell, folder: Path, half_decoder: bool) -> None:
-    """decoder.int8.onnx: the fully rewritten step (embedding table folded), quantised."""
-    from export.quantize import CPU_DECODER_FILE, quantise_decoder
-
-    float_step = folder / ".decoder.folded.onnx"
-    export_decoder(model, float_step, half_weights=half_decoder)
-    try:
-        quantise_decoder(float_step, folder / CPU_DECODER_FILE)
-    finally:
-        float_step.unlink(missing_ok=True)
-
-
-def _export_scorer_step(scorer: ShowAttendTell, folder: Path) -> None:
-    """scorer.int8.onnx: the scorer's step with float16-rounded weights, then onnxruntime's
-    int8 quantisation (export.quantize). Only the int8 file ships: the scorer reads each
-    caption once, so it needs no float twin for a GPU, and the bundle stays under 80 MB."""
+def _export_int8_step(model: ShowAttendTell, folder: Path, filename: str, *, half_weights: bool) -> None:
+    """An int8 decoder step (export.quantize) of `model` in `folder`: the fully rewritten step
+    (embedding table folded) traced to a scratch file, then quantised. Used for
+    decoder.int8.onnx, the step CPUs run, and for scorer.int8.onnx, the scorer's only step
+    (it reads each caption once, so it needs no float twin for a GPU)."""
     from export.quantize import quantise_decoder
 
-    float_step = folder / ".scorer.float.onnx"
-    export_decoder(scorer, float_step, half_weights=True)
+    float_step = folder / f".{filename}.float.onnx"
+    export_decoder(model, float_step, half_weights=half_weights)
     try:
-        quantise_decoder(float_step, folder / SCORER_FILE)
+        quantise_decoder(float_step, folder / filename)
     finally:
         float_step.unlink(missing_ok=True)
 

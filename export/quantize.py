@@ -15,6 +15,7 @@ The int8 step has its own sha256, so captions made with it carry their own model
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -95,11 +96,17 @@ def quantise_decoder(source: Path, target: Path) -> None:
 
     proto = onnx.load(str(source))
     _float_weights_for_products(proto)
+    root = logging.getLogger()
+    level = root.level
     with tempfile.TemporaryDirectory() as scratch:
         plain = Path(scratch) / "decoder.float.onnx"
         onnx.save(proto, str(plain))
-        quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=list(QUANTISED_OPS))
+        root.setLevel(logging.ERROR)  # its "consider pre-processing" advice is for static CNN quantisation
+        try:
+            quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=list(QUANTISED_OPS))
+        finally:
+            root.setLevel(level)
     quantised = onnx.load(str(target))
     _int8_lookup_tables(quantised)
     onnx.checker.check_model(quantised, full_check=True)
