@@ -3,8 +3,9 @@
 "Acceptable" is decided per image by CIDEr against that image's references: a caption
 at or above the threshold counts as acceptable. A logistic regression from the search's
 own numbers (mean token log-probability, caption length; and the confidence scorer's
-mean log-probability when the bundle has one) to that outcome is Platt scaling: smooth, monotone in the log-probability, three numbers in model.json, and
-the runtime needs no library to apply it. scikit-learn fits it; the reliability
+mean log-probability when the bundle has one) to that outcome is Platt scaling: smooth,
+monotone in the log-probability, a few numbers in model.json, and the runtime needs no
+library to apply it. scikit-learn fits it; the reliability
 diagram bins the result against the observed share of acceptable captions.
 
 Fitting is only allowed on a validation split; checking works on any split, so the
@@ -97,6 +98,7 @@ def cross_validated(x: np.ndarray, acceptable: np.ndarray, features: Sequence[st
     """How the map would do on captions it was not fitted on: each caption's confidence from a
     map fitted on the other folds (stratified), then AUC, Brier and what 0.5 / 0.7 would keep.
     The in-sample numbers of a fitted map flatter it; these are what decide between feature sets."""
+    from sklearn.metrics import brier_score_loss
     from sklearn.model_selection import StratifiedKFold
 
     labels = np.asarray(acceptable, dtype=bool)
@@ -105,8 +107,6 @@ def cross_validated(x: np.ndarray, acceptable: np.ndarray, features: Sequence[st
     held_out = np.zeros(len(labels))
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):
         held_out[test] = confidences(fit(x[train], labels[train], features), x[test])
-    from sklearn.metrics import brier_score_loss
-
     return {"folds": folds, "auc": _auc(held_out, labels),
             "brier": round(float(brier_score_loss(labels, held_out)), 4),
             "kept": [kept_at(held_out, labels, m) for m in (0.5, 0.7)]}

@@ -72,13 +72,13 @@ def calibrate(
         err.print(f"  {cv['folds']}-fold cross-validated: AUC {cv['auc']}, Brier {cv['brier']:.3f}, "
                   f"0.5 keeps {100 * at[0.5]['kept']:.0f}% ({_share(at[0.5])} acceptable)", highlight=False)
     for kept in report["kept"]:
-        among = kept["acceptable_among_kept"]
         err.print(f"  --min-confidence {kept['min_confidence']:.1f}: keeps {100 * kept['kept']:.0f}% of captions, "
-                  f"{'n/a' if among is None else f'{100 * among:.0f}%'} of them acceptable", highlight=False)
+                  f"{_share(kept)} of them acceptable", highlight=False)
     if diagram is not None:
         err.print(f"reliability diagram: {diagram}", highlight=False)
 
 
 def _share(kept: dict) -> str:
+    """The share of kept captions that are acceptable, as a percentage (n/a when none is kept)."""
     among = kept["acceptable_among_kept"]
     return "n/a" if among is None else f"{100 * among:.0f}%"
