@@ -22,7 +22,9 @@ Rules (the tests check them against a per-image reference search):
 - banned ids (the runtime passes `never_emitted`: <pad>, <start>, <unk>) are never emitted,
   nor <end> as the first word (no empty caption), nor <end> right after a word of
   `no_end_after` (the bundle's words that almost never end a training caption: "a", "the",
-  "of"; a caption cut at "playing in a" is worse alt text than a longer one);
+  "of"; a caption cut at "playing in a" is worse alt text than a longer one), nor a word
+  right after a word that `no_next_after` pairs it with (pairs the training captions never
+  hold although their words are common: "a in", "a and"; SCST models learn to skip the noun);
 - an image is done when its holder is full and its worst score is >= the best running
   sum normalised at the current length (transformers' default `early_stopping=False`
   rule). With K = 1 this makes the search exactly the greedy argmax chain.
@@ -202,6 +204,18 @@ def _no_end_after(logprobs: np.ndarray, token: np.ndarray, unfinished: np.ndarra
     return logprobs
 
 
+def _no_next_after(logprobs: np.ndarray, token: np.ndarray, rules: Mapping[int, np.ndarray]) -> np.ndarray:
+    """logprobs with the words `rules[w]` at -inf on the rows whose last word is w."""
+    hits = [(row, rules[t]) for row, t in enumerate(token.tolist()) if t in rules]
+    if not hits:
+        return logprobs
+    if not logprobs.flags.writeable:  # a buffer onnxruntime still owns
+        logprobs = logprobs.copy()
+    for row, banned in hits:
+        logprobs[row, banned] = -np.inf
+    return logprobs
+
+
 def _drop_finished(done: np.ndarray, k: int, feats: np.ndarray,
                    kys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shrink the per-row features and keys to the images still running, moving as little as
@@ -228,12 +242,14 @@ def _drop_finished(done: np.ndarray, k: int, feats: np.ndarray,
 
 def beam_search(step: StepFn, features: np.ndarray, keys: np.ndarray, hidden0: np.ndarray,
                 options: SearchOptions, *, start_id: int, end_id: int,
-                banned_ids: Sequence[int] = (), no_end_after: Sequence[int] = ()) -> list[list[Hypothesis]]:
+                banned_ids: Sequence[int] = (), no_end_after: Sequence[int] = (),
+                no_next_after: Mapping[int, Sequence[int]] | None = None) -> list[list[Hypothesis]]:
     """Caption N images at once.
 
     features: float32 [N, L, E]; keys: float32 [N, L, A]; hidden0: float32 [N, H]
     (the encoder's outputs). banned_ids: tokens never emitted (<pad>, <start>).
     no_end_after: tokens after which <end> may not come (a caption never ends on them).
+    no_next_after: token -> tokens that may not come right after it.
     Returns, per image, its best `options.alternatives` hypotheses, best first.
     """
     if not options.complete:
@@ -248,6 +264,8 @@ def beam_search(step: StepFn, features: np.ndarray, keys: np.ndarray, hidden0: n
     forbidden = np.array(sorted({*banned_ids, start_id}), dtype=np.int64)
     forbidden_first = np.union1d(forbidden, [end_id])  # the first step must say at least one word
     unfinished = np.array(sorted(set(no_end_after)), dtype=np.int64)
+    pair_rules = {int(w): np.array(sorted(set(after)), dtype=np.int64) for w, after in (no_next_after or {}).items()
+                  if len(after)}
 
     active = np.arange(n_images)  # [B]: image index of each active image (B shrinks)
     feats = np.repeat(features, k, axis=0)  # [B*K, L, E]
@@ -263,6 +281,8 @@ def beam_search(step: StepFn, features: np.ndarray, keys: np.ndarray, hidden0: n
         logprobs, hidden_out, attention = step(token, hidden, feats, kys)  # [B*K, V], [B*K, H], [B*K, L]
         if unfinished.size:
             logprobs = _no_end_after(logprobs, token, unfinished, end_id)
+        if pair_rules:
+            logprobs = _no_next_after(logprobs, token, pair_rules)
         b, vocab = len(active), logprobs.shape[1]
         n_top = 2 * k  # at most K of them are <end> (one per beam), so >= K continue
         top, top_scores = _best_expansions(logprobs, sums, n_top, forbidden if t > 0 else forbidden_first)

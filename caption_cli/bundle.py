@@ -122,6 +122,14 @@ class Bundle:
         return tuple(sorted(index[word] for word in words))
 
     @property
+    def no_next_after(self) -> dict[int, tuple[int, ...]]:
+        """Token id -> ids that may not follow it (model.json `search.no_next_after`, words;
+        absent in older bundles, which then have no such rule)."""
+        pairs = self.meta["search"].get("no_next_after", {})
+        index = {word: i for i, word in enumerate(self.vocab)}
+        return {index[word]: tuple(sorted(index[n] for n in after)) for word, after in pairs.items()}
+
+    @property
     def search_defaults(self) -> SearchOptions:
         search = self.meta["search"]
         return SearchOptions(beam_size=search["beam_size"], alternatives=search["alternatives"],
@@ -290,14 +298,21 @@ def _verify_files(folder: Path, meta_path: Path, meta: dict) -> None:
 
 
 def _check_no_end_after(meta_path: Path, meta: dict, vocab: list[str]) -> None:
-    """search.no_end_after, when present, lists ordinary words of this vocabulary."""
+    """search.no_end_after, when present, lists ordinary words of this vocabulary;
+    search.no_next_after, when present, maps such words to lists of such words."""
     words = meta["search"].get("no_end_after", [])
     if not (isinstance(words, list) and all(isinstance(word, str) for word in words)):
         raise BundleError(f"{meta_path}: search.no_end_after must be a list of words")
+    pairs = meta["search"].get("no_next_after", {})
+    if not (isinstance(pairs, dict) and all(isinstance(after, list) and all(isinstance(w, str) for w in after)
+                                            for after in pairs.values())):
+        raise BundleError(f"{meta_path}: search.no_next_after must map words to lists of words")
     known, specials = set(vocab), set(SPECIAL_TOKENS.values())
-    for word in words:
+    named = [("no_end_after", word) for word in words]
+    named += [("no_next_after", word) for word, after in pairs.items() for word in (word, *after)]
+    for field, word in named:
         if word not in known or word in specials:
-            raise BundleError(f"{meta_path}: search.no_end_after names {word!r}, which is not an ordinary word "
+            raise BundleError(f"{meta_path}: search.{field} names {word!r}, which is not an ordinary word "
                               f"of vocab.json")
 
 

@@ -94,6 +94,7 @@ class Captioner:
         self._start, self._end = special["start"], special["end"]
         self._banned = never_emitted(special)
         self._no_end_after = bundle.no_end_after
+        self._no_next_after = bundle.no_next_after
         self._calibration = bundle.calibration
         on_cuda = self.device == "cuda"
         self.encoder_chunk = encoder_chunk or (CUDA_ENCODER_CHUNK if on_cuda else CPU_ENCODER_CHUNK)
@@ -214,7 +215,8 @@ class Captioner:
         started = time.perf_counter()
         try:
             found = beam_search(self.step, *encoded[:3], self.options, start_id=self._start, end_id=self._end,
-                                banned_ids=self._banned, no_end_after=self._no_end_after)
+                                banned_ids=self._banned, no_end_after=self._no_end_after,
+                                no_next_after=self._no_next_after)
         finally:
             self.times.search += time.perf_counter() - started
         if self._scorer is None:

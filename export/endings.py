@@ -54,25 +54,38 @@ def set_no_end_after(bundle_dir: Path, words: list[str]) -> Path:
     return update_model_json(bundle_dir, lambda meta: meta["search"].__setitem__("no_end_after", list(words)))
 
 
-def main(argv: list[str] | None = None) -> None:
-    from caption_cli.bundle import load_bundle
-    from caption_cli.commands.training import DataKind, load_data
+def data_arguments(description: str, field: str) -> argparse.ArgumentParser:
+    """The command line shared by the search-rule writers: a bundle and the data set it was trained on."""
+    from caption_cli.commands.training import DataKind
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bundle", type=Path, help="bundle folder whose model.json gets search.no_end_after")
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path, help=f"bundle folder whose model.json gets search.{field}")
     parser.add_argument("--data", default="flickr8k", choices=[kind.value for kind in DataKind])
     parser.add_argument("--root", type=Path, help="Flickr8k folder (--data flickr8k)")
     parser.add_argument("--annotations", type=Path, help="captions file (other --data kinds)")
     parser.add_argument("--images", type=Path, help="image folder (other --data kinds)")
-    parser.add_argument("--max-rate", type=float, default=DEFAULT_MAX_RATE)
-    parser.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT)
-    parser.add_argument("--dry-run", action="store_true", help="print the words, change nothing")
-    args = parser.parse_args(argv)
+    parser.add_argument("--dry-run", action="store_true", help="print the rule, change nothing")
+    return parser
+
+
+def train_captions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """Every caption of the train split, read as `train` reads it (never val or test)."""
+    from caption_cli.commands.training import DataKind, load_data
 
     if args.data != "flickr8k" and (args.annotations is None or args.images is None):
         parser.error(f"--data {args.data} needs --annotations and --images")
-    dataset = load_data(DataKind(args.data), args.root, args.images, args.annotations, None)  # as `train` reads it
-    captions = [caption for record in dataset.split("train") for caption in record.captions]
+    dataset = load_data(DataKind(args.data), args.root, args.images, args.annotations, None)
+    return [caption for record in dataset.split("train") for caption in record.captions]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from caption_cli.bundle import load_bundle
+
+    parser = data_arguments(__doc__, "no_end_after")
+    parser.add_argument("--max-rate", type=float, default=DEFAULT_MAX_RATE)
+    parser.add_argument("--min-count", type=int, default=DEFAULT_MIN_COUNT)
+    args = parser.parse_args(argv)
+    captions = train_captions(parser, args)
     words = never_final_words(captions, load_bundle(args.bundle).vocab, max_rate=args.max_rate,
                               min_count=args.min_count)
     print(f"{len(words)} words from {len(captions)} train captions (max rate {args.max_rate}, "

@@ -262,6 +262,32 @@ def test_no_end_after_a_word_that_never_ends_a_caption():
         assert hypotheses[0].score == pytest.approx(math.log(0.9 * 0.9 * 0.2 * 1.0), rel=1e-6)
 
 
+def test_no_next_after_a_pair_the_training_captions_never_hold():
+    # "a b <end>" is the best caption (.9 * .8 * 1); with b banned right after a, the search takes
+    # "a c <end>" (.9 * .2 * 1) instead, and no alternative holds "a b" anywhere; "b" itself stays
+    # allowed elsewhere ("b a c" is an alternative), and a read-only step output is copied, not written.
+    c = 6
+    step = markov_step({START: {A_: 0.9, B_: 0.1}, A_: {B_: 0.8, c: 0.2}, B_: {END: 1.0 - 1e-6, A_: 1e-6},
+                        c: {END: 1.0}})
+
+    def read_only_step(token, hidden, features, keys):
+        logprobs, hidden_out, attention = step(token, hidden, features, keys)
+        logprobs.flags.writeable = False
+        return logprobs, hidden_out, attention
+
+    features, keys, hidden = encoder_outputs(2, 0)
+    options = SearchOptions(beam_size=3, alternatives=3, max_length=6, length_penalty=0.0)
+    plain = beam_search(step, features, keys, hidden, options, start_id=START, end_id=END, banned_ids=BANNED)
+    assert plain[0][0].tokens == [A_, B_]
+    ruled = beam_search(read_only_step, features, keys, hidden, options, start_id=START, end_id=END,
+                        banned_ids=BANNED, no_next_after={A_: [B_], c: []})
+    for hypotheses in ruled:
+        assert hypotheses[0].tokens == [A_, c]
+        assert hypotheses[0].score == pytest.approx(math.log(0.9 * 0.2), rel=1e-6)
+        assert all((A_, B_) not in zip(h.tokens, h.tokens[1:]) for h in hypotheses)
+        assert [B_] in [h.tokens for h in hypotheses]
+
+
 def test_no_end_after_leaves_other_rows_alone_and_copies_a_read_only_step_output():
     table = {START: {A_: 0.6, B_: 0.4}, A_: {END: 0.7, B_: 0.3}, B_: {END: 0.9, A_: 0.1}}
     plain_step = markov_step(table)

@@ -159,6 +159,23 @@ def test_no_end_after_must_name_ordinary_vocabulary_words(tmp_path: Path, words,
     assert error_of(folder) == f"{folder / 'model.json'}: {fragment}"
 
 
+def test_no_next_after_words_become_token_ids(tmp_path: Path):
+    search = {"beam_size": 3, "length_penalty": 0.7, "alternatives": 2, "no_next_after": {"a": ["runs", "a"]}}
+    assert load_bundle(make_bundle(tmp_path / "b", search=search)).no_next_after == {4: (4, 6)}
+    assert load_bundle(make_bundle(tmp_path / "old")).no_next_after == {}  # older bundles: no rule
+
+
+@pytest.mark.parametrize("pairs, fragment", [
+    ({"a": ["cat"]}, "search.no_next_after names 'cat', which is not an ordinary word of vocab.json"),
+    ({"<start>": ["a"]}, "search.no_next_after names '<start>', which is not an ordinary word of vocab.json"),
+    ({"a": "runs"}, "search.no_next_after must map words to lists of words"),
+    (["a", "runs"], "search.no_next_after must map words to lists of words"),
+])
+def test_no_next_after_must_name_ordinary_vocabulary_words(tmp_path: Path, pairs, fragment: str):
+    search = {"beam_size": 3, "length_penalty": 0.7, "alternatives": 2, "no_next_after": pairs}
+    assert fragment in error_of(make_bundle(tmp_path / "b", search=search))
+
+
 def test_hash_entry_outside_the_folder_is_refused(tmp_path: Path):
     folder = make_bundle(tmp_path / "b")
     meta = json.loads((folder / "model.json").read_text())

@@ -1,0 +1,85 @@
+"""Word pairs a caption must not hold, learnt from the training captions, written into a bundle.
+
+    python -m export.word_pairs BUNDLE --data flickr8k [--min-expected 50] [--dry-run]
+
+Why: a model fine-tuned with a CIDEr reward (SCST) learns that the nouns after an article
+earn little, and skips them: "a man is sitting on a train in a with a and a car". Such text
+is broken alt text even when the confidence holds it back. A pair of common words that the
+training captions never put side by side, although chance alone would have put them
+together at least `min_expected` times (count(first) * count(second) / all words), is not
+English the model learnt ("a in", "a and", "the is", "sitting of"); model.json
+`search.no_next_after` lists them and the runtime's beam search never emits the second
+word right after the first (caption_cli/beam.py). Rare words are never involved: their
+expected counts are small. Only the train split is read; `min_expected` is chosen on val
+(docs/training.md).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from export.endings import data_arguments, train_captions
+from training.vocab import SPECIALS, tokenize
+
+DEFAULT_MIN_EXPECTED = 50.0
+
+
+def unseen_pairs(captions: Iterable[str], vocab: Iterable[str], *,
+                 min_expected: float = DEFAULT_MIN_EXPECTED) -> dict[str, list[str]]:
+    """first word -> second words: pairs never adjacent in `captions` whose independent
+    expected count, count(first) * count(second) / words, is at least `min_expected`."""
+    if min_expected <= 0:
+        raise ValueError(f"min_expected must be positive, got {min_expected}")
+    uses: Counter[str] = Counter()
+    pairs: Counter[tuple[str, str]] = Counter()
+    for caption in captions:
+        words = tokenize(caption)
+        uses.update(words)
+        pairs.update(zip(words, words[1:]))
+    total = sum(uses.values())
+    if not total:
+        return {}
+    known = set(vocab) - set(SPECIALS)
+    top = max(uses.values())
+    # only a word used at least min_expected * total / top times can reach min_expected with any partner
+    common = sorted(w for w, count in uses.items() if w in known and count * top >= min_expected * total)
+    rules: dict[str, list[str]] = {}
+    for first in common:
+        after = [second for second in common
+                 if (first, second) not in pairs and uses[first] * uses[second] >= min_expected * total]
+        if after:
+            rules[first] = after
+    return rules
+
+
+def set_no_next_after(bundle_dir: Path, rules: dict[str, list[str]]) -> Path:
+    """Write `search.no_next_after` into a bundle's model.json; a word outside its vocabulary is refused.
+
+    The ONNX files are untouched, so the model id stays; captions that held one of these pairs
+    change (re-run `calibrate` afterwards: the confidence map reads them).
+    """
+    from export.bundle_writer import update_model_json
+
+    return update_model_json(bundle_dir, lambda meta: meta["search"].__setitem__("no_next_after", dict(rules)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from caption_cli.bundle import load_bundle
+
+    parser = data_arguments(__doc__, "no_next_after")
+    parser.add_argument("--min-expected", type=float, default=DEFAULT_MIN_EXPECTED)
+    args = parser.parse_args(argv)
+    captions = train_captions(parser, args)
+    rules = unseen_pairs(captions, load_bundle(args.bundle).vocab, min_expected=args.min_expected)
+    count = sum(map(len, rules.values()))
+    shown = "; ".join(f"{first} -/-> {' '.join(after)}" for first, after in list(rules.items())[:5])
+    print(f"{count} pairs after {len(rules)} words from {len(captions)} train captions "
+          f"(min expected {args.min_expected}): {shown}{' ...' if len(rules) > 5 else ''}")
+    if not args.dry_run:
+        print(f"written to {set_no_next_after(args.bundle, rules)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""export.word_pairs: which word may not follow which, read off training captions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caption_cli.bundle import load_bundle
+from caption_cli.errors import BundleError
+from export.word_pairs import main, set_no_next_after, unseen_pairs
+
+VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "on", "grass", "red", "the", "cat"]
+
+
+def test_pairs_never_seen_although_common_are_found():
+    captions = ["a dog runs on the grass"] * 50 + ["the red dog runs"] * 20 + ["a cat"]
+    # 382 words: "a" 51, "dog" 70, "runs" 70, "on" 50, "the" 70, "grass" 50, "red" 20, "cat" 1
+    rules = unseen_pairs(captions, VOCAB, min_expected=9.0)
+    assert rules["a"] == ["runs", "the"]  # 51 * 70 / 382 = 9.3; a-on and a-grass expect only 6.7
+    assert rules["the"] == ["a", "dog", "on", "runs", "the"]  # "the dog" is never said: the red one is
+    assert "grass" not in rules["the"] and "red" not in rules["the"]  # both seen
+    assert all("cat" not in after for after in rules.values()) and "cat" not in rules  # rare: never listed
+    assert not any("is" in after for after in rules.values())  # outside the vocabulary
+    for first, after in rules.items():  # never a pair the captions hold
+        for second in after:
+            assert not any(f"{first} {second}" in f" {c} " for c in captions)
+    fewer = unseen_pairs(captions, VOCAB, min_expected=13.0)
+    assert sum(map(len, fewer.values())) < sum(map(len, rules.values()))
+    assert all(set(after) <= set(rules[first]) for first, after in fewer.items())
+    assert unseen_pairs([], VOCAB) == {}
+    with pytest.raises(ValueError, match="min_expected"):
+        unseen_pairs(captions, VOCAB, min_expected=0)
+
+
+def test_the_rule_is_written_into_the_bundle_and_the_captioner_obeys_it(tiny_bundle: Path, tmp_path: Path):
+    pytest.importorskip("torch")
+    from caption_cli.captioner import Captioner
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    pixels = np.random.default_rng(4).integers(0, 256, (12, 64, 64, 3), dtype=np.uint8)
+    before = Captioner(load_bundle(bundle), "cpu").caption(pixels)
+    said = [pair for c in before for alt in c.alternatives
+            for pair in zip(alt.caption.split(), alt.caption.split()[1:])]
+    assert said, "the tiny model says some two-word sequence"
+    first, second = max(set(said), key=said.count)
+    set_no_next_after(bundle, {first: [second]})
+    loaded = load_bundle(bundle)
+    assert loaded.model_id == load_bundle(tiny_bundle).model_id  # a search rule, not new weights
+    after = Captioner(loaded, "cpu").caption(pixels)
+    for caption in after:
+        for alt in caption.alternatives:
+            assert (first, second) not in zip(alt.caption.split(), alt.caption.split()[1:])
+    assert [c.text for c in after] != [c.text for c in before]
+    with pytest.raises(BundleError, match="not an ordinary word"):
+        set_no_next_after(bundle, {first: ["no-such-word"]})
+    assert load_bundle(bundle).no_next_after == loaded.no_next_after  # rolled back
+
+
+def test_the_command_reads_only_the_train_split(tiny_bundle: Path, tmp_path: Path, capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    first, second = load_bundle(bundle).vocab[4:6]
+    images = tmp_path / "images"
+    images.mkdir()
+    entries = []
+    for i, split in enumerate(["train"] * 3 + ["test"] * 3):
+        (images / f"{i}.jpg").write_bytes(b"not read")
+        # in train, `first second` never occurs (both common); in test it always does
+        sentence = f"{first} x {second} y" if split == "train" else f"{first} {second}"
+        entries.append({"filename": f"{i}.jpg", "split": split, "sentences": [{"raw": sentence}] * 20})
+    annotations = tmp_path / "dataset.json"
+    annotations.write_text(json.dumps({"images": entries}))
+    main([str(bundle), "--data", "karpathy", "--annotations", str(annotations), "--images", str(images),
+          "--min-expected", "5"])
+    rules = json.loads((bundle / "model.json").read_text())["search"]["no_next_after"]
+    assert second in rules[first] and "written to" in capsys.readouterr().out
