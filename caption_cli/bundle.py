@@ -19,7 +19,10 @@ from caption_cli.confidence import Calibration
 from caption_cli.errors import BundleError
 
 FORMAT = "caption-cli-bundle"
-FORMAT_VERSION = 1
+# 2 added what an older runtime would misread or silently ignore: a confidence scorer
+# (files.scorer, the scorer_mean_logprob calibration feature) and search.no_next_after.
+FORMAT_VERSION = 2
+OLDEST_FORMAT_VERSION = 1  # still read: a version-1 bundle has none of version 2's fields
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "models" / "default"
 SPECIAL_TOKENS = {"pad": "<pad>", "start": "<start>", "end": "<end>", "unk": "<unk>"}
 TENSORS = {"encoder": (["pixels"], ["features", "keys", "hidden0"]),
@@ -196,13 +199,14 @@ def _check_format(meta_path: Path, meta: dict) -> None:
         raise BundleError(f"{meta_path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     version = meta.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise BundleError(f"{meta_path}: format_version is {version!r}, expected the integer {FORMAT_VERSION}")
+        raise BundleError(f"{meta_path}: format_version is {version!r}, expected an integer "
+                          f"({OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})")
     if version > FORMAT_VERSION:
         raise BundleError(f"{meta_path}: format_version {version} is newer than this caption-cli reads "
                           f"({FORMAT_VERSION}); upgrade caption-cli")
-    if version != FORMAT_VERSION:
+    if version < OLDEST_FORMAT_VERSION:
         raise BundleError(f"{meta_path}: unsupported format_version {version} (this caption-cli reads "
-                          f"{FORMAT_VERSION}); re-export the bundle")
+                          f"{OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}); re-export the bundle")
 
 
 def _is_int(value: Any, low: int = 1) -> bool:

@@ -272,12 +272,14 @@ Sessions = tuple[ort.InferenceSession, ort.InferenceSession, "ort.InferenceSessi
 
 
 def _open_sessions(bundle: Bundle, device: str, threads: int | None, cpu_decoder: bool) -> Sessions:
-    """The encoder, decoder and (when the bundle has one) scorer sessions, on the same
-    device; on a CPU the decoder is the bundle's int8 step when it has one (and with it
-    that step's model id, hence the returned bundle). Where only the CPU can be meant,
-    the sessions are built at once on threads (onnxruntime lets go of the GIL for part
-    of it): 0.054 s instead of 0.07 for two; where CUDA may start, the others wait to
-    follow the device the encoder really got."""
+    """The encoder and decoder sessions, on the same device, and the scorer's (when the
+    bundle has one) always on the CPU: its step is int8, whose matrix products onnxruntime's
+    CUDA provider runs on the host (onnxruntime#7745) with copies at every node, and its
+    inputs are host arrays anyway. On a CPU the decoder is the bundle's int8 step when it
+    has one (and with it that step's model id, hence the returned bundle). Where only the
+    CPU can be meant, the sessions are built at once on threads (onnxruntime lets go of the
+    GIL for part of it): 0.054 s instead of 0.07 for two; where CUDA may start, the decoder
+    waits to follow the device the encoder really got."""
     scorer_path = bundle.scorer_path
     if device == "cpu" or (device == "auto" and not sessions.cuda_built_in()):
         chosen = bundle.for_device("cpu") if cpu_decoder else bundle
@@ -289,7 +291,7 @@ def _open_sessions(bundle: Bundle, device: str, threads: int | None, cpu_decoder
     encoder = open_session(bundle.encoder_path, device, threads=threads)
     on = session_device(encoder)
     chosen = bundle.for_device(on) if cpu_decoder else bundle
-    scorer = open_session(scorer_path, on, threads=threads) if scorer_path else None
+    scorer = open_session(scorer_path, "cpu", threads=threads) if scorer_path else None
     return encoder, open_session(chosen.decoder_path, on, threads=threads), scorer, chosen
 
 

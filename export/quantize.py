@@ -94,7 +94,13 @@ def quantise_decoder(source: Path, target: Path) -> None:
     """Write an int8 (per-channel, dynamic) version of the decoder step at `source` to `target`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from export.decoder_passes import optimise_decoder
+
     proto = onnx.load(str(source))
+    # the CPU step is always the fully rewritten one (a float decoder.onnx written next to an int8
+    # step keeps its embedding projection unfolded); on a rewritten graph this changes nothing,
+    # so export and `python -m export.quantize` give the same file
+    optimise_decoder(proto)
     _float_weights_for_products(proto)
     root = logging.getLogger()
     level = root.level

@@ -58,11 +58,18 @@ def set_no_next_after(bundle_dir: Path, rules: dict[str, list[str]]) -> Path:
     """Write `search.no_next_after` into a bundle's model.json; a word outside its vocabulary is refused.
 
     The ONNX files are untouched, so the model id stays; captions that held one of these pairs
-    change (re-run `calibrate` afterwards: the confidence map reads them).
+    change (re-run `calibrate` afterwards: the confidence map reads them). The bundle's
+    format_version becomes 2, so a caption-cli that would ignore the rule refuses the bundle
+    ("upgrade caption-cli") instead of captioning differently under the same model id.
     """
+    from caption_cli.bundle import FORMAT_VERSION
     from export.bundle_writer import update_model_json
 
-    return update_model_json(bundle_dir, lambda meta: meta["search"].__setitem__("no_next_after", dict(rules)))
+    def change(meta: dict) -> None:
+        meta["search"]["no_next_after"] = dict(rules)
+        meta["format_version"] = max(meta["format_version"], FORMAT_VERSION)  # older runtimes would ignore it
+
+    return update_model_json(bundle_dir, change)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -111,9 +111,9 @@ def test_file_without_a_hash_is_refused(tmp_path: Path):
 
 
 @pytest.mark.parametrize("version, expected", [
-    (2, "format_version 2 is newer than this caption-cli reads (1); upgrade caption-cli"),
-    (0, "unsupported format_version 0 (this caption-cli reads 1); re-export the bundle"),
-    ("1", "format_version is '1', expected the integer 1"),
+    (3, "format_version 3 is newer than this caption-cli reads (2); upgrade caption-cli"),
+    (0, "unsupported format_version 0 (this caption-cli reads 1 to 2); re-export the bundle"),
+    ("1", "format_version is '1', expected an integer (1 to 2)"),
 ])
 def test_wrong_format_version(tmp_path: Path, version, expected: str):
     folder = make_bundle(tmp_path / "b", format_version=version)

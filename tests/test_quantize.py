@@ -128,3 +128,8 @@ def test_export_command_adds_the_int8_step_on_request(tiny_checkpoint: Path, tmp
     gathers = lambda path: {i.name for i in onnx.load(str(path)).graph.initializer  # noqa: E731
                             if "folded/table" in i.name}
     assert gathers(bundle.path / CPU_DECODER_FILE) and not gathers(bundle.decoder_path)
+    # quantising that bundle again (python -m export.quantize) folds in memory first: the same
+    # file, so the CPU model id, and every caption stored under it, stays
+    written = (bundle.path / CPU_DECODER_FILE).read_bytes()
+    add_cpu_decoder(bundle.path)
+    assert (bundle.path / CPU_DECODER_FILE).read_bytes() == written

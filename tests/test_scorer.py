@@ -258,3 +258,22 @@ def test_info_says_the_confidence_is_read_with_a_scorer(tiny_bundle: Path, tiny_
     assert data["scorer"]["dataset"] == "tiny-random" and data["scorer"]["weights"] == "int8"
     plain = CliRunner().invoke(app, ["info", "--model", str(tiny_bundle), "--device", "cpu"])
     assert "scorer" not in plain.output
+
+
+@torch_needed
+def test_the_scorer_runs_on_the_cpu_even_when_the_model_runs_on_cuda(tiny_scorer_bundle: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    """Its int8 products would run on the host node by node under CUDA; it is opened on the CPU."""
+    import caption_cli.captioner as captioner_mod
+    from caption_cli.session import open_session
+
+    opened: dict[str, str] = {}
+
+    def fake_open(path, device, threads=None):  # records what was asked, builds a CPU session
+        opened[Path(path).name] = device
+        return open_session(path, "cpu", threads=threads)
+
+    monkeypatch.setattr(captioner_mod, "open_session", fake_open)
+    monkeypatch.setattr(captioner_mod, "session_device", lambda session: "cuda")  # as if CUDA had started
+    captioner_mod.Captioner(load_bundle(tiny_scorer_bundle), device="cuda")
+    assert opened == {"encoder.onnx": "cuda", "decoder.onnx": "cuda", "scorer.int8.onnx": "cpu"}

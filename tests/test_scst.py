@@ -209,7 +209,8 @@ def test_resumed_scst_equals_an_uninterrupted_run(shapes: dict[str, Path], ce_ch
     train_scst(_dataset(shapes), _scst(shapes, straight, epochs=4), ce_checkpoint, log=lambda line: None)
     train_scst(_dataset(shapes), _scst(shapes, split, epochs=4, limit_steps=4), ce_checkpoint, log=lambda line: None)
     lines: list[str] = []
-    train_scst(_dataset(shapes), _scst(shapes, split, epochs=4), ce_checkpoint, resume=True, log=lines.append)
+    train_scst(_dataset(shapes), _scst(shapes, split, epochs=4), ce_checkpoint, resume=True, log=lines.append,
+               dataset_name="shapes")
     assert f"resumed from {split / 'last.pt'}: epoch 2, step 4" in lines
     one = torch.load(straight / "last.pt", weights_only=True)
     two = torch.load(split / "last.pt", weights_only=True)
@@ -219,6 +220,9 @@ def test_resumed_scst_equals_an_uninterrupted_run(shapes: dict[str, Path], ce_ch
         assert torch.equal(one["model"][name], two["model"][name]), name
     source = torch.load(ce_checkpoint, weights_only=True)
     assert not torch.equal(one["model"]["step.out.weight"], source["model"]["step.out.weight"])
+    # a resumed run names its own data and keeps its start's, not nested one level deeper
+    assert two["dataset"]["name"] == "shapes" and one["dataset"]["name"] == source["dataset"]["name"]
+    assert two["dataset"]["scst_from"] == one["dataset"]["scst_from"] == source["dataset"]
 
 
 def test_resumed_scst_refuses_other_data(shapes: dict[str, Path], ce_checkpoint: Path,  # noqa: F811

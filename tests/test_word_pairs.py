@@ -79,3 +79,13 @@ def test_the_command_reads_only_the_train_split(tiny_bundle: Path, tmp_path: Pat
           "--min-expected", "5"])
     rules = json.loads((bundle / "model.json").read_text())["search"]["no_next_after"]
     assert second in rules[first] and "written to" in capsys.readouterr().out
+
+
+def test_a_version_1_bundle_given_the_rule_becomes_version_2(tmp_path: Path):
+    from tests.test_bundle import make_bundle
+
+    folder = make_bundle(tmp_path / "v1")  # format_version 1, vocabulary <pad> <start> <end> <unk> a dog runs
+    set_no_next_after(folder, {"a": ["runs"]})
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["format_version"] == 2  # a caption-cli that would ignore the rule refuses the bundle
+    assert load_bundle(folder).no_next_after == {4: (6,)}

@@ -94,16 +94,19 @@ def quality(confidence: np.ndarray, acceptable: np.ndarray, bins: int = DEFAULT_
 
 
 def cross_validated(x: np.ndarray, acceptable: np.ndarray, features: Sequence[str], folds: int = 5,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0) -> dict[str, Any] | None:
     """How the map would do on captions it was not fitted on: each caption's confidence from a
     map fitted on the other folds (stratified), then AUC, Brier and what 0.5 / 0.7 would keep.
-    The in-sample numbers of a fitted map flatter it; these are what decide between feature sets."""
+    The in-sample numbers of a fitted map flatter it; these are what decide between feature sets.
+    With fewer than `folds` captions on one side, as many folds as that side has; None below 2
+    (each fold needs both kinds to fit on)."""
     from sklearn.metrics import brier_score_loss
     from sklearn.model_selection import StratifiedKFold
 
     labels = np.asarray(acceptable, dtype=bool)
-    if min(labels.sum(), (~labels).sum()) < folds:
-        raise ValueError(f"cannot cross-validate on {len(labels)} captions: fewer than {folds} on one side")
+    folds = min(folds, int(labels.sum()), int((~labels).sum()))
+    if folds < 2:
+        return None
     held_out = np.zeros(len(labels))
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):
         held_out[test] = confidences(fit(x[train], labels[train], features), x[test])
@@ -209,7 +212,7 @@ def run_calibration(bundle_dir: Path | None, dataset, split: str, *, beam: int |
         "kept": [kept_at(confidence, acceptable, m) for m in (0.3, 0.5, 0.7)],
         "bins": [b.__dict__ for b in table],
     }
-    if fit_map:
+    if fit_map and held_out is not None:
         report["cross_validated"] = held_out
     if diagram_path is not None:
         q = report["quality"]

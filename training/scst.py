@@ -192,8 +192,11 @@ def _load(path: Path, device: torch.device) -> dict[str, Any]:
     return data
 
 
-def train_scst(dataset: DataSet, cfg: ScstConfig, source: Path, resume: bool = False, log=print) -> Path:
-    """SCST on dataset's train split from the checkpoint `source`, select on val; returns best.pt's path."""
+def train_scst(dataset: DataSet, cfg: ScstConfig, source: Path, resume: bool = False, log=print,
+               dataset_name: str | None = None) -> Path:
+    """SCST on dataset's train split from the checkpoint `source`, select on val; returns best.pt's path.
+
+    dataset_name: what the checkpoints record as their data (default: the starting checkpoint's name)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("SCST runs in one process; start it without torchrun")
     out, source = Path(cfg.out), Path(source)
@@ -256,7 +259,7 @@ def train_scst(dataset: DataSet, cfg: ScstConfig, source: Path, resume: bool = F
     source_data = checkpoint.get("dataset") or {}
     if resumed and "scst_from" in source_data:
         source_data = source_data["scst_from"]
-    dataset_info = {"name": (source_data or {}).get("name", "custom"), "images": len(train_records),
+    dataset_info = {"name": dataset_name or (source_data or {}).get("name", "custom"), "images": len(train_records),
                     "captions": int(len(train_split.pairs)), "fingerprint": fingerprint,
                     "scst_from": source_data}
 

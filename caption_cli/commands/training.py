@@ -122,7 +122,8 @@ def train(
             from training.scst import resolve_scst_config, train_scst
 
             scst_cfg = resolve_scst_config(config, overrides)
-            run = lambda dataset: train_scst(dataset, scst_cfg, scst_from, resume=resume, log=log)  # noqa: E731
+            run = lambda dataset: train_scst(dataset, scst_cfg, scst_from, resume=resume, log=log,  # noqa: E731
+                                             dataset_name=data.value)
         else:
             from training.train import resolve_config, train as run_training
 
