@@ -1,13 +1,14 @@
 """Word pairs a caption must not hold, learnt from the training captions, written into a bundle.
 
-    python -m export.word_pairs BUNDLE --data flickr8k [--min-expected 50] [--dry-run]
+    python -m export.word_pairs BUNDLE --data flickr8k [--min-expected 50] [--max-ratio 0.005] [--dry-run]
 
 Why: a model fine-tuned with a CIDEr reward (SCST) learns that the nouns after an article
 earn little, and skips them: "a man is sitting on a train in a with a and a car". Such text
-is broken alt text even when the confidence holds it back. A pair of common words that the
-training captions never put side by side, although chance alone would have put them
-together at least `min_expected` times (count(first) * count(second) / all words), is not
-English the model learnt ("a in", "a and", "the is", "sitting of"); model.json
+is broken alt text even when the confidence holds it back. A pair of common words that
+chance alone would put side by side at least `min_expected` times (count(first) *
+count(second) / all words) but that the training captions hold at most `max_ratio` times as
+often (never, or in a typo or two: "rides a on a playground toy") is not English the model
+learnt ("a in", "a and", "a on", "the is"); model.json
 `search.no_next_after` lists them and the runtime's beam search never emits the second
 word right after the first (caption_cli/beam.py). Rare words are never involved: their
 expected counts are small. Only the train split is read; `min_expected` is chosen on val
@@ -24,14 +25,18 @@ from export.endings import data_arguments, train_captions
 from training.vocab import SPECIALS, tokenize
 
 DEFAULT_MIN_EXPECTED = 50.0
+DEFAULT_MAX_RATIO = 0.005
 
 
-def unseen_pairs(captions: Iterable[str], vocab: Iterable[str], *,
-                 min_expected: float = DEFAULT_MIN_EXPECTED) -> dict[str, list[str]]:
-    """first word -> second words: pairs never adjacent in `captions` whose independent
-    expected count, count(first) * count(second) / words, is at least `min_expected`."""
+def unlikely_pairs(captions: Iterable[str], vocab: Iterable[str], *, min_expected: float = DEFAULT_MIN_EXPECTED,
+                   max_ratio: float = DEFAULT_MAX_RATIO) -> dict[str, list[str]]:
+    """first word -> second words: pairs whose independent expected count in `captions`,
+    count(first) * count(second) / words, is at least `min_expected`, and that are adjacent
+    there at most `max_ratio` times that often (0: never)."""
     if min_expected <= 0:
         raise ValueError(f"min_expected must be positive, got {min_expected}")
+    if not 0.0 <= max_ratio < 1.0:
+        raise ValueError(f"max_ratio must be in [0, 1), got {max_ratio}")
     uses: Counter[str] = Counter()
     pairs: Counter[tuple[str, str]] = Counter()
     for caption in captions:
@@ -48,7 +53,8 @@ def unseen_pairs(captions: Iterable[str], vocab: Iterable[str], *,
     rules: dict[str, list[str]] = {}
     for first in common:
         after = [second for second in common
-                 if (first, second) not in pairs and uses[first] * uses[second] >= min_expected * total]
+                 if uses[first] * uses[second] >= min_expected * total
+                 and pairs[(first, second)] <= max_ratio * uses[first] * uses[second] / total]
         if after:
             rules[first] = after
     return rules
@@ -77,13 +83,16 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = data_arguments(__doc__, "no_next_after")
     parser.add_argument("--min-expected", type=float, default=DEFAULT_MIN_EXPECTED)
+    parser.add_argument("--max-ratio", type=float, default=DEFAULT_MAX_RATIO)
     args = parser.parse_args(argv)
     captions = train_captions(parser, args)
-    rules = unseen_pairs(captions, load_bundle(args.bundle).vocab, min_expected=args.min_expected)
+    rules = unlikely_pairs(captions, load_bundle(args.bundle).vocab, min_expected=args.min_expected,
+                           max_ratio=args.max_ratio)
     count = sum(map(len, rules.values()))
     shown = "; ".join(f"{first} -/-> {' '.join(after)}" for first, after in list(rules.items())[:5])
     print(f"{count} pairs after {len(rules)} words from {len(captions)} train captions "
-          f"(min expected {args.min_expected}): {shown}{' ...' if len(rules) > 5 else ''}")
+          f"(min expected {args.min_expected}, max ratio {args.max_ratio}): {shown}"
+          f"{' ...' if len(rules) > 5 else ''}")
     if not args.dry_run:
         print(f"written to {set_no_next_after(args.bundle, rules)}")
 

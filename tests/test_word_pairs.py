@@ -11,7 +11,7 @@ import pytest
 
 from caption_cli.bundle import load_bundle
 from caption_cli.errors import BundleError
-from export.word_pairs import main, set_no_next_after, unseen_pairs
+from export.word_pairs import main, set_no_next_after, unlikely_pairs
 
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "on", "grass", "red", "the", "cat"]
 
@@ -19,7 +19,7 @@ VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "on", "grass"
 def test_pairs_never_seen_although_common_are_found():
     captions = ["a dog runs on the grass"] * 50 + ["the red dog runs"] * 20 + ["a cat"]
     # 382 words: "a" 51, "dog" 70, "runs" 70, "on" 50, "the" 70, "grass" 50, "red" 20, "cat" 1
-    rules = unseen_pairs(captions, VOCAB, min_expected=9.0)
+    rules = unlikely_pairs(captions, VOCAB, min_expected=9.0, max_ratio=0.0)
     assert rules["a"] == ["runs", "the"]  # 51 * 70 / 382 = 9.3; a-on and a-grass expect only 6.7
     assert rules["the"] == ["a", "dog", "on", "runs", "the"]  # "the dog" is never said: the red one is
     assert "grass" not in rules["the"] and "red" not in rules["the"]  # both seen
@@ -28,12 +28,24 @@ def test_pairs_never_seen_although_common_are_found():
     for first, after in rules.items():  # never a pair the captions hold
         for second in after:
             assert not any(f"{first} {second}" in f" {c} " for c in captions)
-    fewer = unseen_pairs(captions, VOCAB, min_expected=13.0)
+    fewer = unlikely_pairs(captions, VOCAB, min_expected=13.0, max_ratio=0.0)
     assert sum(map(len, fewer.values())) < sum(map(len, rules.values()))
     assert all(set(after) <= set(rules[first]) for first, after in fewer.items())
-    assert unseen_pairs([], VOCAB) == {}
+    assert unlikely_pairs([], VOCAB) == {}
     with pytest.raises(ValueError, match="min_expected"):
-        unseen_pairs(captions, VOCAB, min_expected=0)
+        unlikely_pairs(captions, VOCAB, min_expected=0)
+    with pytest.raises(ValueError, match="max_ratio"):
+        unlikely_pairs(captions, VOCAB, max_ratio=1.0)
+
+
+def test_a_typo_or_two_does_not_make_a_pair_english():
+    # "a the" is said once in 800 captions although chance expects it 160 times (800 * 800 / 3,998 words)
+    captions = ["a dog on the grass"] * 399 + ["the dog on a grass"] * 400 + ["a the dog"]
+    assert "the" not in unlikely_pairs(captions, VOCAB, min_expected=50.0, max_ratio=0.0).get("a", [])
+    assert "the" not in unlikely_pairs(captions, VOCAB, min_expected=50.0, max_ratio=0.006).get("a", [])
+    assert "the" in unlikely_pairs(captions, VOCAB, min_expected=50.0, max_ratio=0.007)["a"]  # 1 / 160 = 0.00625
+    # pairs said often stay allowed: "on the", "on a" (399 and 400 times, ~2.5x chance)
+    assert not {"the", "a"} & set(unlikely_pairs(captions, VOCAB, min_expected=50.0, max_ratio=0.007).get("on", []))
 
 
 def test_the_rule_is_written_into_the_bundle_and_the_captioner_obeys_it(tiny_bundle: Path, tmp_path: Path):
