@@ -39,21 +39,26 @@ def test_the_list_is_written_into_the_bundle_and_the_bundle_still_verifies(tiny_
     assert load_bundle(bundle).no_end_after == (4, 5)  # the refused change was rolled back
 
 
-def test_the_command_reads_only_the_train_split(tiny_bundle: Path, tmp_path: Path, capsys):
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, bundle)
-    word = load_bundle(bundle).vocab[4]
+def karpathy_data(tmp_path: Path, train: str, test: str) -> list[str]:
+    """A Karpathy-layout data set of 3 train and 3 test images, each with 20 copies of one
+    caption (`train` or `test`), and the command-line arguments that read it."""
     images = tmp_path / "images"
     images.mkdir()
     entries = []
     for i, split in enumerate(["train"] * 3 + ["test"] * 3):
         (images / f"{i}.jpg").write_bytes(b"not read")
-        # in train, `word` never ends a caption; in test it always does
-        sentence = f"{word} x" if split == "train" else f"x {word}"
-        entries.append({"filename": f"{i}.jpg", "split": split, "sentences": [{"raw": sentence}] * 20})
+        entries.append({"filename": f"{i}.jpg", "split": split,
+                        "sentences": [{"raw": train if split == "train" else test}] * 20})
     annotations = tmp_path / "dataset.json"
     annotations.write_text(json.dumps({"images": entries}))
-    main([str(bundle), "--data", "karpathy", "--annotations", str(annotations), "--images", str(images),
-          "--min-count", "10"])
+    return ["--data", "karpathy", "--annotations", str(annotations), "--images", str(images)]
+
+
+def test_the_command_reads_only_the_train_split(tiny_bundle: Path, tmp_path: Path, capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    word = load_bundle(bundle).vocab[4]
+    # in train, `word` never ends a caption; in test it always does
+    main([str(bundle), *karpathy_data(tmp_path, train=f"{word} x", test=f"x {word}"), "--min-count", "10"])
     assert load_bundle(bundle).no_end_after == (4,)
     assert "written to" in capsys.readouterr().out

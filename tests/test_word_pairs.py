@@ -12,6 +12,7 @@ import pytest
 from caption_cli.bundle import load_bundle
 from caption_cli.errors import BundleError
 from export.word_pairs import main, set_no_next_after, unlikely_pairs
+from tests.test_endings import karpathy_data
 
 VOCAB = ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs", "on", "grass", "red", "the", "cat"]
 
@@ -77,18 +78,9 @@ def test_the_command_reads_only_the_train_split(tiny_bundle: Path, tmp_path: Pat
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, bundle)
     first, second = load_bundle(bundle).vocab[4:6]
-    images = tmp_path / "images"
-    images.mkdir()
-    entries = []
-    for i, split in enumerate(["train"] * 3 + ["test"] * 3):
-        (images / f"{i}.jpg").write_bytes(b"not read")
-        # in train, `first second` never occurs (both common); in test it always does
-        sentence = f"{first} x {second} y" if split == "train" else f"{first} {second}"
-        entries.append({"filename": f"{i}.jpg", "split": split, "sentences": [{"raw": sentence}] * 20})
-    annotations = tmp_path / "dataset.json"
-    annotations.write_text(json.dumps({"images": entries}))
-    main([str(bundle), "--data", "karpathy", "--annotations", str(annotations), "--images", str(images),
-          "--min-expected", "5"])
+    # in train, `first second` never occurs (both common); in test it always does
+    data = karpathy_data(tmp_path, train=f"{first} x {second} y", test=f"{first} {second}")
+    main([str(bundle), *data, "--min-expected", "5"])
     rules = json.loads((bundle / "model.json").read_text())["search"]["no_next_after"]
     assert second in rules[first] and "written to" in capsys.readouterr().out
 
