@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from caption_cli.bundle import FORMAT, FORMAT_VERSION, sha256_file
+from caption_cli.bundle import FORMAT, FORMAT_VERSION, OLDEST_FORMAT_VERSION, sha256_file
 from caption_cli.bundle import SPECIAL_TOKENS as BUNDLE_SPECIAL_TOKENS
 from caption_cli.errors import CaptionCliError
 from export.onnx_export import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, IR_VERSION,
@@ -92,7 +92,8 @@ def _model_json(model: ShowAttendTell, backbone: EfficientNetLite, folder: Path,
         onnx_meta["scorer_weights"] = "int8"
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        # the lowest version that describes the bundle: older runtimes load what they can read
+        "format_version": FORMAT_VERSION if scorer is not None else OLDEST_FORMAT_VERSION,
         "name": name,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "backbone": spec.name,

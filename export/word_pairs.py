@@ -73,7 +73,8 @@ def set_no_next_after(bundle_dir: Path, rules: dict[str, list[str]]) -> Path:
 
     def change(meta: dict) -> None:
         meta["search"]["no_next_after"] = dict(rules)
-        meta["format_version"] = max(meta["format_version"], FORMAT_VERSION)  # older runtimes would ignore it
+        if rules:  # older runtimes would ignore the rule: they must refuse the bundle instead
+            meta["format_version"] = max(meta["format_version"], FORMAT_VERSION)
 
     return update_model_json(bundle_dir, change)
 

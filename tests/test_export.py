@@ -41,7 +41,7 @@ def test_model_json_fields(tiny_bundle: Path) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", created)
     hashes = meta.pop("sha256")
     assert meta == {
-        "format": "caption-cli-bundle", "format_version": 2, "name": "tiny-random",
+        "format": "caption-cli-bundle", "format_version": 1, "name": "tiny-random",
         "backbone": "efficientnet-lite0", "image_size": 64, "grid": [2, 2],
         "dims": {"E": 24, "A": 20, "H": 28, "V": 11},
         "special_tokens": {"pad": 0, "start": 1, "end": 2, "unk": 3}, "max_length": TINY_MAX_LENGTH,

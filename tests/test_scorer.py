@@ -159,6 +159,7 @@ def test_export_writes_the_scorer_and_its_projection(tiny_parts: TinyParts, tiny
     assert meta["files"]["scorer"] == "scorer.int8.onnx"
     assert meta["tensors"]["scorer"] == SCORER_TENSORS
     assert meta["onnx"]["scorer_weights"] == "int8" and meta["scorer"]["dataset"] == "tiny-random"
+    assert meta["format_version"] == 2  # a caption-cli that cannot read the scorer refuses the bundle
     assert sorted(p.name for p in tiny_scorer_bundle.iterdir()) == [
         "decoder.onnx", "encoder.onnx", "model.json", "scorer.int8.onnx", "vocab.json"]  # no float scorer left
     encoder = ort.InferenceSession(str(tiny_scorer_bundle / "encoder.onnx"), providers=["CPUExecutionProvider"])
