@@ -278,3 +278,53 @@ def test_the_scorer_runs_on_the_cpu_even_when_the_model_runs_on_cuda(tiny_scorer
     monkeypatch.setattr(captioner_mod, "session_device", lambda session: "cuda")  # as if CUDA had started
     captioner_mod.Captioner(load_bundle(tiny_scorer_bundle), device="cuda")
     assert opened == {"encoder.onnx": "cuda", "decoder.onnx": "cuda", "scorer.int8.onnx": "cpu"}
+
+
+def _calibration_data(tmp_path: Path, bundle: Path, right: int) -> list[str]:
+    """8 val photos in a Karpathy-layout file whose references repeat the bundle's own caption
+    for the first `right` photos (a high per-image CIDEr) and say something else for the rest
+    (CIDEr 0); returns the command-line arguments that read it."""
+    from PIL import Image
+
+    from caption_cli.captioner import Captioner
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(11)
+    pixels = rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    for i, photo in enumerate(pixels):
+        Image.fromarray(photo).save(images / f"{i}.png")
+    captions = [c.text for c in Captioner(load_bundle(bundle), "cpu").caption(pixels)]
+    entries = [{"filename": f"{i}.png", "split": "val",
+                "sentences": [{"raw": captions[i] if i < right else "zebra crossing wet tarmac"}] * 5}
+               for i in range(8)]
+    (tmp_path / "dataset.json").write_text(json.dumps({"images": entries}))
+    return ["--data", "karpathy", "--annotations", str(tmp_path / "dataset.json"), "--images", str(images)]
+
+
+@torch_needed
+@pytest.mark.parametrize("right, folds", [(4, 4), (1, None)])
+def test_calibrate_fits_on_the_scorer_and_cross_validates_what_it_can(tiny_scorer_bundle: Path, tmp_path: Path,
+                                                                      right: int, folds):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("pycocoevalcap")
+    from caption_cli.captioner import Captioner
+    from caption_cli.cli import app
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_scorer_bundle, bundle)
+    data = _calibration_data(tmp_path, bundle, right)
+    result = CliRunner().invoke(app, ["calibrate", *data, "--split", "val", "--model", str(bundle), "--device", "cpu",
+                                      "--cider-threshold", "0.01", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["quality"]["images"] == 8 and report["quality"]["acceptable_share"] == right / 8
+    assert report["calibration"]["features"] == ["mean_logprob", "words", "scorer_mean_logprob"]
+    if folds is None:  # one acceptable caption: no fold could fit, but the map is still written
+        assert "cross_validated" not in report
+    else:
+        assert report["cross_validated"]["folds"] == folds
+    calibrated = load_bundle(bundle)
+    assert calibrated.calibration.features == ("mean_logprob", "words", "scorer_mean_logprob")
+    assert all(c.confidence is not None for c in Captioner(calibrated, "cpu").caption(
+        np.zeros((2, 64, 64, 3), dtype=np.uint8)))
