@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import cycle, islice
@@ -324,45 +325,60 @@ class TimedStore:
 
 
 def annotate_profiled(folder: Path, captioner: Captioner, options: AnnotateOptions, db: Path) -> dict:
-    """annotate() over the folder, with where its wall time went (one run's profile)."""
-    plain_caption = captioner.caption
-    in_caption = [0.0]
+    """annotate() over the folder, with where its wall time went (one run's profile).
 
-    def timed_caption(pixels: np.ndarray) -> list:
-        started = time.perf_counter()
-        try:
-            return plain_caption(pixels)
-        finally:
-            in_caption[0] += time.perf_counter() - started
+    The pipeline hands the captioner a stream of batches (Captioner.caption_stream); the
+    time spent in that stream, less the time it spent pulling the next batch (decoding,
+    walking), is the captioner's share of the caller's thread."""
+    plain_stream = captioner.caption_stream
+    spent = {"stream": 0.0, "pulling": 0.0}
+
+    def timed(items: Iterator, key: str) -> Iterator:
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(items)
+            except StopIteration:
+                return
+            finally:
+                spent[key] += time.perf_counter() - started
+            yield item
+
+    def timed_stream(batches: Iterable) -> Iterator:
+        return timed(iter(plain_stream(timed(iter(batches), "pulling"))), "stream")
 
     captioner.times.reset()
-    captioner.caption = timed_caption  # type: ignore[method-assign]
+    captioner.caption_stream = timed_stream  # type: ignore[method-assign]
     try:
         with Store(db) as store:
-            timed = TimedStore(store)
-            summary = annotate([folder], captioner, timed, options)
+            timed_store = TimedStore(store)
+            summary = annotate([folder], captioner, timed_store, options)
     finally:
-        del captioner.caption  # the class's method again
+        del captioner.caption_stream  # the class's method again
     if summary.failed:
         say(f"  warning: annotate failed on {summary.failed} files")
     times, wall = captioner.times, summary.seconds
-    profile = {"wall": wall, "encoder": times.encoder, "decoder steps": times.steps,
-               "python search": times.search - times.steps, "confidence scorer": times.scoring,
-               "caption other": (in_caption[0] - times.search - times.scoring
-                                 - (0 if captioner.overlap else times.encoder)),
-               "store": timed.seconds, "decode wait + walk": wall - in_caption[0] - timed.seconds,
+    in_caption = spent["stream"] - spent["pulling"]
+    encoder_inline = times.encoder_wait if captioner.overlap else times.encoder
+    profile = {"wall": wall, "encoder": times.encoder, "encoder wait": encoder_inline,
+               "decoder steps": times.steps, "python search": times.search - times.steps,
+               "confidence scorer": times.scoring,
+               "caption other": in_caption - times.search - times.scoring - encoder_inline,
+               "store": timed_store.seconds, "decode wait + walk": wall - in_caption - timed_store.seconds,
                "steps_run": times.steps_run, "overlap": captioner.overlap}
     return {"rate": summary.images_per_second, "captioned": summary.captioned, "failed": summary.failed,
             "seconds": wall, "profile": profile}
 
 
 def say_profile(profile: dict) -> None:
+    """Shares of the wall time on the caller's thread; with overlap the encoder runs on its
+    own thread, so its share is printed apart (it overlaps the others)."""
     wall = profile["wall"] or 1.0
-    parts = ("decode wait + walk", "encoder", "decoder steps", "python search", "confidence scorer", "caption other",
-             "store")
-    shares = ", ".join(f"{name} {profile[name] / wall:.0%}" for name in parts)
-    note = " (encoder on its own thread: shares overlap)" if profile["overlap"] else ""
-    say(f"    profile of that run      {shares} of {wall:.1f} s wall, {profile['steps_run']} decoder calls{note}")
+    inline = ("decode wait + walk", "encoder wait" if profile["overlap"] else "encoder", "decoder steps",
+              "python search", "confidence scorer", "caption other", "store")
+    shares = ", ".join(f"{name} {profile[name] / wall:.0%}" for name in inline)
+    note = f"; encoder on its own thread {profile['encoder'] / wall:.0%}" if profile["overlap"] else ""
+    say(f"    profile of that run      {shares} of {wall:.1f} s wall{note}, {profile['steps_run']} decoder calls")
 
 
 def _cli(folder: Path, args: argparse.Namespace, db: Path) -> float:

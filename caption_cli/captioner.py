@@ -1,8 +1,9 @@
 """Captioner: the encoder and decoder sessions, loaded once, and one batched search per batch.
 
-A batch can run as a pipeline: the encoder of chunk i+1 runs on a helper thread while
-the beam search of chunk i runs on the caller's (onnxruntime releases the GIL), so the
-pipeline keeps calling `caption(pixels)` once per batch. On CUDA the decoder step binds
+The encoder runs ahead on a helper thread while the beam search runs on the caller's
+(onnxruntime releases the GIL): `caption_stream` starts each batch's encoder as soon as the
+batch arrives, so it runs while the batch before is searched, stored and the next one
+gathered; `caption(pixels)` does the same chunk by chunk within one batch. On CUDA the decoder step binds
 features and keys to the device once per set of running rows instead of copying them
 in at every step (onnxruntime IO binding). A bundle with a confidence scorer gets one
 more pass per batch: the scorer reads the chosen captions (caption_cli.scoring).
@@ -11,10 +12,12 @@ more pass per batch: the scorer reads the chosen captions (caption_cli.scoring).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -26,7 +29,9 @@ from caption_cli.errors import BundleError
 from caption_cli.results import Alternative, Caption
 from caption_cli.scoring import sequence_logprobs
 from caption_cli import session as sessions
-from caption_cli.session import open_session, session_device
+from caption_cli.session import default_threads, open_session, session_device
+
+Context = TypeVar("Context")  # what a caller pairs with each batch in caption_stream
 
 # Images per encoder call on a CPU. Measured on EfficientNet-Lite2 (2 cores): chunks of 8
 # run as fast as 16 (59 vs 52 img/s) with 300 MB less peak memory, because onnxruntime's
@@ -46,10 +51,12 @@ class CaptionTimes:
     encoder: encoder.onnx runs (on the helper thread when pipelined, so it can overlap
     search); steps: decoder.onnx runs; search: beam_search wall time, steps included, so
     search - steps is the search's own Python/numpy work; scoring: the confidence
-    scorer's teacher-forced pass (0 without a scorer).
+    scorer's teacher-forced pass (0 without a scorer); encoder_wait: how long the caller
+    waited for an encoder running ahead (the part of it the overlap did not hide).
     """
 
     encoder: float = 0.0
+    encoder_wait: float = 0.0
     steps: float = 0.0
     search: float = 0.0
     scoring: float = 0.0
@@ -67,9 +74,11 @@ class Captioner:
     device is what really runs ("cuda" or "cpu"), read back from onnxruntime;
     options are the search options with the bundle's defaults filled in.
     encoder_chunk: images per encoder call (None: CPU_ENCODER_CHUNK on a CPU,
-    CUDA_ENCODER_CHUNK on a GPU). overlap: run the batch as a pipeline of encoder chunks
-    (None: on CUDA only; on the 2-core CPU it measured no faster, see benchmarks/README.md);
-    without it the beam search runs over the whole batch at once.
+    CUDA_ENCODER_CHUNK on a GPU). overlap: the encoder runs ahead on a helper thread, one
+    batch ahead in caption_stream and one chunk ahead in caption (None: on). Without it the
+    encoder and the search take turns. threads: onnxruntime threads per session (None: every
+    CPU this process may use); on a CPU with overlap the decoder and scorer sessions get half
+    of them, since the encoder runs beside them (benchmarks/README.md, issue #13).
     times: where the time went, summed over calls (CaptionTimes).
     cpu_decoder: on a CPU, use the bundle's int8 decoder step (files.decoder_cpu) when it has
     one; `bundle` is then that view (Bundle.for_device), so model_id names what really ran.
@@ -81,7 +90,8 @@ class Captioner:
         if encoder_chunk is not None and encoder_chunk < 1:
             raise ValueError(f"encoder_chunk must be at least 1, got {encoder_chunk}")
         self.options = (options or SearchOptions()).resolved(bundle.search_defaults)
-        self._encoder, self._decoder, self._scorer, self.bundle = _open_sessions(bundle, device, threads, cpu_decoder)
+        self._encoder, self._decoder, self._scorer, self.bundle = _open_sessions(bundle, device, threads, cpu_decoder,
+                                                                                  overlap is not False)
         inputs, outputs = bundle.tensor_names("encoder")
         self._encoder_io = (inputs, outputs + bundle.scorer_encoder_outputs)
         self._decoder_io = bundle.tensor_names("decoder")
@@ -98,7 +108,7 @@ class Captioner:
         self._calibration = bundle.calibration
         on_cuda = self.device == "cuda"
         self.encoder_chunk = encoder_chunk or (CUDA_ENCODER_CHUNK if on_cuda else CPU_ENCODER_CHUNK)
-        self.overlap = on_cuda if overlap is None else overlap
+        self.overlap = True if overlap is None else overlap
         self.times = CaptionTimes()
         self._helper: ThreadPoolExecutor | None = None  # the encoder's thread when overlapping
         self._bound: tuple | None = None  # CUDA: (features, keys) arrays and their device copies
@@ -198,16 +208,59 @@ class Captioner:
         self._bound = None  # the device copies of the last rows are not needed any more
         return [self._caption(hypotheses, scorer_sums) for hypotheses, scorer_sums in found]
 
+    def caption_stream(self, batches: Iterable[tuple[Context, np.ndarray | None]]
+                       ) -> Iterator[tuple[Context, list[Caption]]]:
+        """Caption a stream of batches in order: (context, pixels) in, (context, captions) out.
+
+        With `overlap`, each batch's encoder starts on the helper thread when the batch
+        arrives and runs while the batch before it is searched here, then stored by the
+        caller, and while the next batch is gathered: the encoder's threads fill the cores
+        that the search (one thread) and the caller leave idle. pixels None or empty: no
+        captions, the context still comes back in its place.
+        """
+        if not self.overlap:
+            for context, pixels in batches:
+                yield context, self._caption_or_nothing(pixels)
+            return
+        waiting: deque[tuple[Context, Future | None]] = deque()
+        for context, pixels in batches:
+            waiting.append((context, None if _empty(pixels) else self._start_encoder(pixels)))
+            if len(waiting) > 1:
+                yield self._finish(*waiting.popleft())
+        while waiting:
+            yield self._finish(*waiting.popleft())
+
+    def _caption_or_nothing(self, pixels: np.ndarray | None) -> list[Caption]:
+        return [] if _empty(pixels) else self.caption(pixels)
+
+    def _start_encoder(self, pixels: np.ndarray) -> Future:
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-cli-encoder")
+        return self._helper.submit(self._encode_all, pixels)
+
+    def _wait_for(self, encoding: Future) -> tuple[np.ndarray, ...]:
+        started = time.perf_counter()
+        try:
+            return encoding.result()
+        finally:
+            self.times.encoder_wait += time.perf_counter() - started
+
+    def _finish(self, context: Context, encoding: Future | None) -> tuple[Context, list[Caption]]:
+        if encoding is None:
+            return context, []
+        found = self._search_and_score(self._wait_for(encoding))
+        self.times.images += len(found)
+        self._bound = None
+        return context, [self._caption(hypotheses, scorer_sums) for hypotheses, scorer_sums in found]
+
     def _encoded_ahead(self, pixels: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, ...]]:
         """encode() of each chunk in order, the next one already running on the helper
         thread while the caller searches this one."""
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-cli-encoder")
-        ahead: Future = self._helper.submit(self._encode_all, pixels[:chunk])
+        ahead = self._start_encoder(pixels[:chunk])
         for start in range(0, len(pixels), chunk):
-            encoded = ahead.result()
+            encoded = self._wait_for(ahead)
             if start + chunk < len(pixels):
-                ahead = self._helper.submit(self._encode_all, pixels[start + chunk:start + 2 * chunk])
+                ahead = self._start_encoder(pixels[start + chunk:start + 2 * chunk])
             yield encoded
 
     def _search_and_score(self, encoded: tuple[np.ndarray, ...]) -> list[tuple[list[Hypothesis], list[float] | None]]:
@@ -271,7 +324,8 @@ class Captioner:
 Sessions = tuple[ort.InferenceSession, ort.InferenceSession, "ort.InferenceSession | None", Bundle]
 
 
-def _open_sessions(bundle: Bundle, device: str, threads: int | None, cpu_decoder: bool) -> Sessions:
+def _open_sessions(bundle: Bundle, device: str, threads: int | None, cpu_decoder: bool,
+                   overlap: bool) -> Sessions:
     """The encoder and decoder sessions, on the same device, and the scorer's (when the
     bundle has one) always on the CPU: its step is int8, whose matrix products onnxruntime's
     CUDA provider runs on the host (onnxruntime#7745) with copies at every node, and its
@@ -279,20 +333,38 @@ def _open_sessions(bundle: Bundle, device: str, threads: int | None, cpu_decoder
     has one (and with it that step's model id, hence the returned bundle). Where only the
     CPU can be meant, the sessions are built at once on threads (onnxruntime lets go of the
     GIL for part of it): 0.054 s instead of 0.07 for two; where CUDA may start, the decoder
-    waits to follow the device the encoder really got."""
+    waits to follow the device the encoder really got. With overlap, the search's sessions
+    on a CPU get half the threads (search_threads)."""
     scorer_path = bundle.scorer_path
     if device == "cpu" or (device == "auto" and not sessions.cuda_built_in()):
         chosen = bundle.for_device("cpu") if cpu_decoder else bundle
+        searching = search_threads(threads, overlap)
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="caption-cli-session") as pool:
-            decoder = pool.submit(open_session, chosen.decoder_path, "cpu", threads=threads)
-            scorer = pool.submit(open_session, scorer_path, "cpu", threads=threads) if scorer_path else None
+            decoder = pool.submit(open_session, chosen.decoder_path, "cpu", threads=searching)
+            scorer = pool.submit(open_session, scorer_path, "cpu", threads=searching) if scorer_path else None
             encoder = open_session(bundle.encoder_path, "cpu", threads=threads)
             return encoder, decoder.result(), scorer.result() if scorer else None, chosen
     encoder = open_session(bundle.encoder_path, device, threads=threads)
     on = session_device(encoder)
     chosen = bundle.for_device(on) if cpu_decoder else bundle
     scorer = open_session(scorer_path, "cpu", threads=threads) if scorer_path else None
-    return encoder, open_session(chosen.decoder_path, on, threads=threads), scorer, chosen
+    decoder_threads = search_threads(threads, overlap) if on == "cpu" else threads
+    return encoder, open_session(chosen.decoder_path, on, threads=decoder_threads), scorer, chosen
+
+
+def search_threads(threads: int | None, overlap: bool) -> int | None:
+    """onnxruntime threads for the decoder and scorer sessions on a CPU. Beside an encoder
+    running ahead on its own thread they get half the cores: their steps are small (tens of
+    rows) and gain little from a second thread (a 48-row scorer step: 2.00 ms on 1 thread,
+    1.72 ms on 2), while the encoder scales (63.7 -> 121.8 img/s), so the cores are better
+    spent on both at once than on each in turn (benchmarks/README.md, issue #13)."""
+    if not overlap:
+        return threads
+    return max(1, (threads or default_threads()) // 2)
+
+
+def _empty(pixels: np.ndarray | None) -> bool:
+    return pixels is None or len(pixels) == 0
 
 
 def _check_names(path: Path, session: ort.InferenceSession, names: tuple[list[str], list[str]]) -> None:

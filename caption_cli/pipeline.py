@@ -234,12 +234,20 @@ def annotate(
         # A batch's worth of files ahead: the workers keep decoding the next batch while
         # this one is captioned, instead of stopping a few files in.
         prefetch = options.prefetch or options.batch_size + 4 * options.workers
-        for decoded in decode_many(paths(), size, options.workers, prefetch=prefetch, decode_fn=decode_fn,
-                                  pool=decoder_pool):
-            batcher.add(in_flight.popleft(), decoded)
-            if batcher.ready(options.batch_size):
-                batcher.flush()
-        batcher.flush()
+
+        def batches() -> Iterator[tuple[Batch, np.ndarray | None]]:
+            for decoded in decode_many(paths(), size, options.workers, prefetch=prefetch, decode_fn=decode_fn,
+                                      pool=decoder_pool):
+                batcher.add(in_flight.popleft(), decoded)
+                if batcher.ready(options.batch_size):
+                    yield batcher.take()
+            if batcher.items:
+                yield batcher.take()
+
+        # The captioner may hold one batch while it searches the one before (caption_stream):
+        # each batch is stored as soon as its captions come back.
+        for batch, captions in caption_stream(captioner, batches()):
+            batcher.store(batch, captions)
         batcher.flush_skipped()
         run.mark_missing_under(roots, options)
     finally:
@@ -302,6 +310,26 @@ def _backfill_hashes(store: StoreLike, paths: Sequence[str]) -> None:
     store.set_hashes(hashes)
 
 
+def caption_stream(captioner: CaptionerLike, batches: Iterable[tuple[Any, np.ndarray | None]]
+                   ) -> Iterator[tuple[Any, list[Caption]]]:
+    """(context, captions) for each (context, pixels), in order: the captioner's own
+    caption_stream when it has one (the Captioner keeps its encoder a batch ahead),
+    else one caption() call per batch. pixels None: no captions."""
+    stream = getattr(captioner, "caption_stream", None)
+    if stream is not None:
+        return stream(batches)
+    return ((context, [] if pixels is None else captioner.caption(pixels)) for context, pixels in batches)
+
+
+@dataclass
+class Batch:
+    """Files taken from the batcher: each with its decoded image and reused caption (or
+    None), and the content keys whose pixels went to the captioner, in order."""
+
+    items: list[tuple[FileKey, DecodedImage, ReusedCaption | None]]
+    contents: list[str | int]
+
+
 SKIPPED_METADATA_CHUNK = 64  # skipped files whose stored captions go to the writer at once
 
 
@@ -326,7 +354,7 @@ class _Batcher:
         self.image_size = image_size
         self.reusing = reusing
         self.min_confidence = min_confidence
-        self.store = store
+        self.database = store
         self.model_id = model_id
         self.run_id = run_id
         self.report = report
@@ -348,7 +376,7 @@ class _Batcher:
             return
         from caption_cli.metadata import MetadataRequest  # only when asked for
 
-        rows = self.store.stored_captions(self.skipped, self.model_id)
+        rows = self.database.stored_captions(self.skipped, self.model_id)
         self.skipped = []
         name = self.captioner.bundle.name
         self._send_metadata([MetadataRequest(Path(path), caption, name, size, mtime)
@@ -360,7 +388,7 @@ class _Batcher:
         if decoded.reusable:
             # The worker found these bytes in the store; the row could have gone since
             # (pruned by another process): then the file is decoded here after all.
-            reused = self.store.reusable_caption(decoded.content_hash, self.model_id)
+            reused = self.database.reusable_caption(decoded.content_hash, self.model_id)
             if reused is None:
                 decoded = decode(key.path, self.image_size)
         self.items.append((key, decoded, reused))
@@ -371,21 +399,26 @@ class _Batcher:
         # is still written out in bounded groups.
         return self.good >= batch_size or len(self.items) >= 4 * batch_size
 
-    def flush(self) -> None:
-        if not self.items:
-            return
-        # Each distinct content is captioned once: copies in one batch share the caption.
+    def take(self) -> tuple[Batch, np.ndarray | None]:
+        """The files added so far, and the pixels to caption for them (None: nothing to
+        caption); the batcher starts empty again. Each distinct content is captioned
+        once: copies in one batch share the caption."""
         todo: dict[str | int, np.ndarray] = {}
         for index, (_, decoded, reused) in enumerate(self.items):
             if decoded.error is None and reused is None:
                 todo.setdefault(self._content_key(decoded, index), decoded.pixels)
-        captions = self.captioner.caption(np.stack(list(todo.values()))) if todo else []
-        if len(captions) != len(todo):
-            raise RuntimeError(f"the captioner returned {len(captions)} captions for {len(todo)} images")
-        by_content = dict(zip(todo, captions))
+        batch = Batch(self.items, list(todo))
+        self.items, self.good = [], 0
+        return batch, np.stack(list(todo.values())) if todo else None
+
+    def store(self, batch: Batch, captions: list[Caption]) -> None:
+        """Write a taken batch with its captions (in the order of its pixels), then report it."""
+        if len(captions) != len(batch.contents):
+            raise RuntimeError(f"the captioner returned {len(captions)} captions for {len(batch.contents)} images")
+        by_content = dict(zip(batch.contents, captions))
         first_of: set[str | int] = set()
         results = []
-        for index, (key, decoded, reused) in enumerate(self.items):
+        for index, (key, decoded, reused) in enumerate(batch.items):
             if reused is not None:
                 results.append(_reused_result(key, decoded, reused))
             elif decoded.error is not None:
@@ -396,8 +429,7 @@ class _Batcher:
                 result.reused = content in first_of
                 first_of.add(content)
                 results.append(result)
-        self.items, self.good = [], 0
-        self.store.write_batch(results, self.model_id, self.run_id)
+        self.database.write_batch(results, self.model_id, self.run_id)
         if self.metadata_writer is not None:
             self._write_metadata([r for r in results if r.status == "ok"])
         for result in results:
@@ -437,7 +469,7 @@ class _Batcher:
             if self.on_metadata:
                 self.on_metadata(outcome)
         # An in-place write changes size/mtime: store the new key so resume still skips.
-        self.store.update_keys(list(_restat(changed)))
+        self.database.update_keys(list(_restat(changed)))
 
 
 def _restat(paths: Iterable[Path]) -> Iterator[tuple[Path, int, float]]:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from caption_cli.bundle import Bundle, load_bundle
-from caption_cli.captioner import PREFERRED_BATCH, Captioner
-from caption_cli.session import session_options
+from caption_cli.captioner import PREFERRED_BATCH, Captioner, search_threads
+from caption_cli.session import default_threads, session_options
 from tests.conftest import TINY_MAX_LENGTH
 from tests.test_captioner import photos
 
@@ -41,10 +41,69 @@ def test_overlapped_batches_give_the_same_captions(bundle: Bundle, count: int, c
     assert piped._helper is None
 
 
-def test_overlap_defaults_off_on_the_cpu(bundle: Bundle):
-    captioner = Captioner(bundle, device="cpu", threads=1)
-    assert captioner.overlap is False
+def test_overlap_defaults_on_and_halves_the_search_threads_on_the_cpu(bundle: Bundle):
+    captioner = Captioner(bundle, device="cpu", threads=4)
+    assert captioner.overlap is True
     assert captioner.preferred_batch == PREFERRED_BATCH["cpu"]
+    assert search_threads(4, overlap=True) == 2 and search_threads(1, overlap=True) == 1
+    assert search_threads(4, overlap=False) == 4 and search_threads(None, overlap=False) is None
+    assert search_threads(None, overlap=True) == max(1, default_threads() // 2)
+    # onnxruntime reports the thread count each session was built with
+    assert captioner._encoder.get_session_options().intra_op_num_threads == 4
+    assert captioner._decoder.get_session_options().intra_op_num_threads == 2
+    turns = Captioner(bundle, device="cpu", threads=4, overlap=False)
+    assert turns._decoder.get_session_options().intra_op_num_threads == 4
+
+
+def _stream_of(batches: list) -> list:
+    return [(f"batch {i}", pixels) for i, pixels in enumerate(batches)]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_caption_stream_gives_each_batch_its_own_captions_in_order(bundle: Bundle, overlap: bool):
+    """A stream with empty and missing batches between real ones: every context comes back
+    in its place, with exactly the captions caption() gives its pixels alone."""
+    s = bundle.image_size
+    parts = [photos(bundle, 3, seed=1), None, photos(bundle, 1, seed=2), np.zeros((0, s, s, 3), np.uint8),
+             photos(bundle, 4, seed=3), photos(bundle, 2, seed=4)]
+    alone = Captioner(bundle, device="cpu", threads=1, overlap=False)
+    expected = [_texts(alone.caption(p)) if p is not None and len(p) else [] for p in parts]
+    streaming = Captioner(bundle, device="cpu", threads=1, encoder_chunk=2, overlap=overlap)
+    try:
+        got = [(context, _texts(captions)) for context, captions in streaming.caption_stream(_stream_of(parts))]
+    finally:
+        streaming.close()
+    assert got == list(zip([f"batch {i}" for i in range(len(parts))], expected))
+    assert streaming.times.images == 10
+    assert expected[4] != expected[5]  # distinct photos: a batch given another's captions would show
+
+
+def test_caption_stream_encodes_the_next_batch_before_handing_back_this_one(bundle: Bundle):
+    """The overlap itself: when the caller gets batch i's captions, batch i+1 has already been
+    handed to the encoder (it was pulled from the stream first)."""
+    pulled: list[int] = []
+
+    def batches():
+        for i in range(3):
+            pulled.append(i)
+            yield i, photos(bundle, 2, seed=i)
+
+    captioner = Captioner(bundle, device="cpu", threads=1)
+    try:
+        seen = [(context, list(pulled)) for context, _ in captioner.caption_stream(batches())]
+    finally:
+        captioner.close()
+    assert seen == [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
+    assert captioner.times.encoder_wait >= 0 and captioner.times.encoder > 0
+
+
+def test_bad_pixels_in_a_stream_fail_clearly(bundle: Bundle):
+    s = bundle.image_size
+    captioner = Captioner(bundle, device="cpu", threads=1)
+    stream = captioner.caption_stream(_stream_of([photos(bundle, 2), np.zeros((2, s, s, 3), np.float32)]))
+    with pytest.raises(ValueError, match=r"pixels must be uint8"):
+        list(stream)
+    captioner.close()
 
 
 def test_bad_pixels_still_fail_clearly_when_pipelined(bundle: Bundle):
