@@ -558,18 +558,26 @@ def run_set(label: str, sources: list[Path], args: argparse.Namespace, captioner
     else:
         say("(a) seed-style baseline      skipped: give --checkpoint (the checkpoint the bundle came from)")
     if args.compare_model:
-        result["compare"], versus = compare_bundles(label, tmp / label, args, captioner, tmp)
+        other = Captioner(load_bundle(args.compare_model), args.device, SearchOptions(beam_size=args.beam))
+        result["compare"], versus = compare_in_turns(label, tmp / label, args, captioner, other, tmp,
+                                                     f"{other.bundle.model_id:<14.14}", "previous bundle")
+        result["compare"]["bundle"] = str(args.compare_model)
         targets.append(versus)
+    if args.compare_turns:
+        turns = Captioner(load_bundle(args.model), args.device, SearchOptions(beam_size=args.beam), overlap=False)
+        result["compare_turns"], versus = compare_in_turns(label, tmp / label, args, captioner, turns, tmp,
+                                                           "encoder, search in turns", "")
+        say(f"  {label}: annotate / encoder and search in turns   {versus.value:.2f}x   (information)")
     for target in targets:
         say(target.line("x"))
     return result, targets
 
 
-def compare_bundles(label: str, folder: Path, args: argparse.Namespace, captioner: Captioner,
-                    tmp: Path) -> tuple[dict, Target]:
-    """(e) annotate with this bundle and with --compare-model in turns on the same files: the
-    median of each, so drift in the machine's speed during the run hits both alike."""
-    other = Captioner(load_bundle(args.compare_model), args.device, SearchOptions(beam_size=args.beam))
+def compare_in_turns(label: str, folder: Path, args: argparse.Namespace, captioner: Captioner, other: Captioner,
+                     tmp: Path, other_name: str, target_name: str) -> tuple[dict, Target]:
+    """(e) annotate with this captioner and with `other` (--compare-model's bundle, or
+    --compare-turns' captioner without overlap) in turns on the same files: the median of
+    each, so drift in the machine's speed during the run hits both alike."""
     options = measuring_options(batch_size=args.batch_size, workers=args.workers)
     rates: dict[str, list[float]] = {"this": [], "other": []}
     for round_ in range(args.compare_rounds):
@@ -579,11 +587,11 @@ def compare_bundles(label: str, folder: Path, args: argparse.Namespace, captione
                 summary = annotate([folder], which, store, options)
             rates[name].append(summary.images_per_second)
     medians = {name: float(np.median(values)) for name, values in rates.items()}
-    say(f"(e) annotate, this bundle    {medians['this']:8.1f} img/s   median of {', '.join(f'{r:.1f}' for r in rates['this'])}")
-    say(f"(e) annotate, {other.bundle.model_id:<14.14} {medians['other']:8.1f} img/s   median of "
-        f"{', '.join(f'{r:.1f}' for r in rates['other'])} (--compare-model, in turns with this bundle)")
-    result = {"model": other.bundle.model_id, "bundle": str(args.compare_model), "rates": rates, "medians": medians}
-    return result, Target(f"{label}: annotate / previous bundle", medians["this"] / medians["other"],
+    say(f"(e) annotate, this one       {medians['this']:8.1f} img/s   median of {', '.join(f'{r:.1f}' for r in rates['this'])}")
+    say(f"(e) annotate, {other_name:<14.14} {medians['other']:8.1f} img/s   median of "
+        f"{', '.join(f'{r:.1f}' for r in rates['other'])} (in turns with this one)")
+    result = {"model": other.bundle.model_id, "overlap": other.overlap, "rates": rates, "medians": medians}
+    return result, Target(f"{label}: annotate / {target_name}", medians["this"] / medians["other"],
                           TARGET_VS_PREVIOUS, ">=")
 
 
@@ -604,7 +612,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a small smoke-test run (64 images, memory 300/1000)")
     parser.add_argument("--compare-model", type=Path, help="another bundle (e.g. the previous default) to "
                         "annotate the same files with, in turns: prints this bundle's rate / that one's")
-    parser.add_argument("--compare-rounds", type=int, default=3, help="runs of each bundle for --compare-model")
+    parser.add_argument("--compare-turns", action="store_true", help="also annotate with the encoder and the "
+                        "search taking turns (Captioner overlap off, as before issue #13's streaming), in turns "
+                        "with the default: prints the ratio")
+    parser.add_argument("--compare-rounds", type=int, default=3, help="runs of each for --compare-model / "
+                        "--compare-turns")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--beam", type=int, help="beam size for annotate and the baseline (default: the bundle's)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="decoder processes (annotate's default)")

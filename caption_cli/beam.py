@@ -17,8 +17,8 @@ Rules (the tests check them against a per-image reference search):
 - each step looks at the 2K best (beam, word) pairs of an image, best first: an <end>
   among the first K finishes that beam into the holder; the first K that are not
   <end> become the next running beams, so an image always keeps K running beams;
-- at step 0 the K beams of an image are identical, so only beam 0 is expanded
-  (the others start at -inf) and no duplicate hypotheses appear;
+- at step 0 the K beams of an image are identical, so the decoder runs one row per image
+  and only beam 0 is expanded (the others start at -inf): no duplicate hypotheses appear;
 - banned ids (the runtime passes `never_emitted`: <pad>, <start>, <unk>) are never emitted,
   nor <end> as the first word (no empty caption), nor <end> right after a word of
   `no_end_after` (the bundle's words that almost never end a training caption: "a", "the",
@@ -278,7 +278,11 @@ def beam_search(step: StepFn, features: np.ndarray, keys: np.ndarray, hidden0: n
     looks = np.zeros((n_images * k, 0, features.shape[1]), dtype=np.float32)  # [B*K, t, L]
 
     for t in range(options.max_length):
-        logprobs, hidden_out, attention = step(token, hidden, feats, kys)  # [B*K, V], [B*K, H], [B*K, L]
+        if t == 0:  # the K rows of an image are the same: one each, repeated (a K-th of the work)
+            first = step(token[:n_images], hidden0, features, keys)
+            logprobs, hidden_out, attention = (np.repeat(part, k, axis=0) for part in first)
+        else:
+            logprobs, hidden_out, attention = step(token, hidden, feats, kys)  # [B*K, V], [B*K, H], [B*K, L]
         if unfinished.size:
             logprobs = _no_end_after(logprobs, token, unfinished, end_id)
         if pair_rules:

@@ -65,8 +65,43 @@ def test_sequence_logprobs_match_scoring_each_sequence_alone():
                               hidden0[image:image + 1])
         assert total == pytest.approx(expected, abs=1e-12)
     assert totals[3] == 0.0  # nothing to score
-    # one call per position, each over only the sequences still being read
-    assert step.batches == [5, 4, 3, 2, 2, 2]
+    # one call per position, each over the distinct prefixes still being read: image 2's two
+    # sequences share their first word, so they share a row until the shorter one ends
+    assert step.batches == [3, 3, 3, 2, 2, 2]
+
+
+def _distinct_prefixes(sequences, image_of) -> list[int]:
+    """Rows per step when sequences of one image share a row while their tokens agree."""
+    longest = max(map(len, sequences))
+    return [len({(image, tuple(s[:t])) for s, image in zip(sequences, image_of) if len(s) > t})
+            for t in range(longest)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shared_prefixes_are_read_once_and_every_sum_is_exact(seed: int):
+    """Alternatives that split at every position, rows that end while rows behind them go on
+    (their slots are refilled), several images: each sum equals scoring that sequence alone."""
+    rng = np.random.default_rng(seed)
+    images = 5
+    features, keys = rng.normal(size=(images, L, E)), rng.normal(size=(images, L, 5))
+    hidden0 = rng.normal(size=(images, H))
+    sequences, image_of = [], []
+    for image in range(images):
+        stem = list(rng.integers(2, V, size=rng.integers(0, 4)))
+        for _ in range(rng.integers(1, 5)):  # like a beam's alternatives: a shared start, then apart
+            sequences.append(stem[:rng.integers(0, len(stem) + 1)] + list(rng.integers(2, V, size=rng.integers(0, 4))))
+            image_of.append(image)
+    order = rng.permutation(len(sequences))
+    sequences, image_of = [sequences[i] for i in order], [image_of[i] for i in order]
+    step = RecordingStep()
+    totals = sequence_logprobs(step, sequences, image_of, features, keys, hidden0, start_id=1)
+    for sequence, image, total in zip(sequences, image_of, totals):
+        expected = one_by_one(RecordingStep(), sequence, features[image:image + 1], keys[image:image + 1],
+                              hidden0[image:image + 1])
+        assert total == pytest.approx(expected, abs=1e-12)
+    if any(sequences):
+        assert step.batches == _distinct_prefixes(sequences, image_of)
+        assert sum(step.batches) < sum(map(len, sequences))  # sharing happened
 
 
 def test_sequence_logprobs_edge_cases():
