@@ -42,6 +42,8 @@ class CaptionerLike(Protocol):
     bundle: Any  # .model_id, .name, .image_size
 
     def caption(self, pixels: np.ndarray) -> list[Caption]: ...
+    # Optional: caption_stream(batches) -> (context, captions) per (context, pixels), in order,
+    # free to work on the next batch before it hands back this one (see caption_stream below).
 
 
 class StoreLike(Protocol):

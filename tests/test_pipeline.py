@@ -78,6 +78,29 @@ class FakeCaptioner:
         return captions
 
 
+class StreamingCaptioner(FakeCaptioner):
+    """A FakeCaptioner with caption_stream, like the Captioner's: it pulls batch i+1 before
+    it hands back batch i's captions (there, batch i+1's encoder runs meanwhile)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.log: list[str] = []
+
+    def caption_stream(self, batches):
+        held = None
+        for context, pixels in batches:
+            self.log.append("pulled")
+            if held is not None:
+                yield self._answer(*held)
+            held = (context, pixels)
+        if held is not None:
+            yield self._answer(*held)
+
+    def _answer(self, context, pixels):
+        self.log.append("answered")
+        return context, [] if pixels is None else self.caption(pixels)
+
+
 def make_photos(root: Path, count: int, bad: tuple[int, ...] = ()) -> dict[Path, str]:
     """count photos named p000.png... in two folders; indexes in bad are text files."""
     expected = {}
@@ -131,6 +154,30 @@ def test_annotate_captions_stores_and_reports_every_file(tmp_path: Path, store: 
     assert [a["caption"] for a in store.alternatives(good["id"])] == ["a green square", "a green thing"]
     run = store.db["runs"].get(good["run_id"])
     assert (run["captioned"], run["failed"], run["device"], run["model_id"]) == (10, 1, "cpu", "fake@000000000000")
+
+
+def test_a_streaming_captioner_gets_every_batch_and_each_file_its_own_caption(tmp_path: Path, store: Store):
+    """Bad files ride along in their batch (one batch is only bad files), the last batch is
+    not lost, and each result is stored and reported once, after its captions came back."""
+    expected = make_photos(tmp_path / "photos", 14, bad=(4, 8, 9, 10, 11, 12))
+    captioner = StreamingCaptioner()
+    seen: list[CaptionResult] = []
+    summary = annotate([tmp_path / "photos"], captioner, store, options(batch_size=2), on_result=seen.append)
+    assert (summary.captioned, summary.failed) == (8, 6)
+    assert stored(store) == expected
+    assert sorted(r.path for r in seen) == sorted(expected)
+    assert sum(captioner.batches) == 8
+    assert captioner.log[:3] == ["pulled", "pulled", "answered"]  # it really held a batch back
+
+
+def test_a_crash_in_a_streaming_captioner_loses_only_unstored_batches(tmp_path: Path, store: Store):
+    expected = make_photos(tmp_path, 10)
+    with pytest.raises(RuntimeError, match="crashed"):
+        annotate([tmp_path], StreamingCaptioner(fail_after=2), store, options(batch_size=3))
+    assert len(stored(store)) == 6
+    summary = annotate([tmp_path], StreamingCaptioner(), store, options(batch_size=3))
+    assert (summary.captioned, summary.skipped) == (4, 6)
+    assert stored(store) == expected
 
 
 def test_annotate_with_worker_processes(tmp_path: Path, store: Store):
