@@ -444,7 +444,8 @@ def memory_now() -> dict[str, float]:
 def rss_child(spec: dict) -> None:
     """Runs in a fresh process (no torch, nothing from the other parts): annotate the
     folder, sampling memory once `first` files are done and again at the end."""
-    captioner = Captioner(load_bundle(spec["model"]), spec["device"], SearchOptions(beam_size=spec["beam"]))
+    captioner = Captioner(load_bundle(spec["model"]), spec["device"], SearchOptions(beam_size=spec["beam"]),
+                          overlap=True)  # as caption-cli annotate builds it
     samples: dict[str, Any] = {"workers_max_mb": 0.0}
     done = 0
 
@@ -558,7 +559,8 @@ def run_set(label: str, sources: list[Path], args: argparse.Namespace, captioner
     else:
         say("(a) seed-style baseline      skipped: give --checkpoint (the checkpoint the bundle came from)")
     if args.compare_model:
-        other = Captioner(load_bundle(args.compare_model), args.device, SearchOptions(beam_size=args.beam))
+        other = Captioner(load_bundle(args.compare_model), args.device, SearchOptions(beam_size=args.beam),
+                          overlap=True)
         result["compare"], versus = compare_in_turns(label, tmp / label, args, captioner, other, tmp,
                                                      f"{other.bundle.model_id:<14.14}", "previous bundle")
         result["compare"]["bundle"] = str(args.compare_model)
@@ -566,7 +568,7 @@ def run_set(label: str, sources: list[Path], args: argparse.Namespace, captioner
     if args.compare_turns:
         turns = Captioner(load_bundle(args.model), args.device, SearchOptions(beam_size=args.beam), overlap=False)
         result["compare_turns"], versus = compare_in_turns(label, tmp / label, args, captioner, turns, tmp,
-                                                           "encoder, search in turns", "")
+                                                           "in turns", "")
         say(f"  {label}: annotate / encoder and search in turns   {versus.value:.2f}x   (information)")
     for target in targets:
         say(target.line("x"))
@@ -613,8 +615,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-model", type=Path, help="another bundle (e.g. the previous default) to "
                         "annotate the same files with, in turns: prints this bundle's rate / that one's")
     parser.add_argument("--compare-turns", action="store_true", help="also annotate with the encoder and the "
-                        "search taking turns (Captioner overlap off, as before issue #13's streaming), in turns "
-                        "with the default: prints the ratio")
+                        "search taking turns (Captioner(overlap=False): annotate's way on a CPU before 2026-12-06), "
+                        "in turns with the default: prints the ratio")
     parser.add_argument("--compare-rounds", type=int, default=3, help="runs of each for --compare-model / "
                         "--compare-turns")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -655,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
         rss_child(json.loads(args.rss_child))
         return
     bundle = load_bundle(args.model)
-    captioner = Captioner(bundle, args.device, SearchOptions(beam_size=args.beam))
+    captioner = Captioner(bundle, args.device, SearchOptions(beam_size=args.beam), overlap=True)  # as annotate
     options = captioner.options
     args.beam = options.beam_size
     machine = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),

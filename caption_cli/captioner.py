@@ -75,10 +75,14 @@ class Captioner:
     options are the search options with the bundle's defaults filled in.
     encoder_chunk: images per encoder call (None: CPU_ENCODER_CHUNK on a CPU,
     CUDA_ENCODER_CHUNK on a GPU). overlap: the encoder runs ahead on a helper thread, one
-    batch ahead in caption_stream and one chunk ahead in caption (None: on). Without it the
-    encoder and the search take turns. threads: onnxruntime threads per session (None: every
-    CPU this process may use); on a CPU with overlap the decoder and scorer sessions get half
-    of them, since the encoder runs beside them (benchmarks/README.md, issue #13).
+    batch ahead in caption_stream and one chunk ahead in caption (None: on CUDA only; the
+    annotate command asks for it on every device). Without it the encoder and the search take
+    turns. On a CPU, caption() with overlap searches each chunk on its own, and the int8
+    steps quantise their activations per call, so a caption can differ slightly from the
+    whole batch's; caption_stream searches whole batches and gives the same captions either
+    way. threads: onnxruntime threads per session (None: every CPU this process may use);
+    on a CPU with overlap the decoder and scorer sessions get half of them, since the
+    encoder runs beside them (search_threads; benchmarks/README.md, issue #13).
     times: where the time went, summed over calls (CaptionTimes).
     cpu_decoder: on a CPU, use the bundle's int8 decoder step (files.decoder_cpu) when it has
     one; `bundle` is then that view (Bundle.for_device), so model_id names what really ran.
@@ -91,7 +95,7 @@ class Captioner:
             raise ValueError(f"encoder_chunk must be at least 1, got {encoder_chunk}")
         self.options = (options or SearchOptions()).resolved(bundle.search_defaults)
         self._encoder, self._decoder, self._scorer, self.bundle = _open_sessions(bundle, device, threads, cpu_decoder,
-                                                                                  overlap is not False)
+                                                                                  overlap)
         inputs, outputs = bundle.tensor_names("encoder")
         self._encoder_io = (inputs, outputs + bundle.scorer_encoder_outputs)
         self._decoder_io = bundle.tensor_names("decoder")
@@ -108,7 +112,7 @@ class Captioner:
         self._calibration = bundle.calibration
         on_cuda = self.device == "cuda"
         self.encoder_chunk = encoder_chunk or (CUDA_ENCODER_CHUNK if on_cuda else CPU_ENCODER_CHUNK)
-        self.overlap = True if overlap is None else overlap
+        self.overlap = on_cuda if overlap is None else overlap
         self.times = CaptionTimes()
         self._helper: ThreadPoolExecutor | None = None  # the encoder's thread when overlapping
         self._bound: tuple | None = None  # CUDA: (features, keys) arrays and their device copies
@@ -216,7 +220,8 @@ class Captioner:
         arrives and runs while the batch before it is searched here, then stored by the
         caller, and while the next batch is gathered: the encoder's threads fill the cores
         that the search (one thread) and the caller leave idle. pixels None or empty: no
-        captions, the context still comes back in its place.
+        captions, the context still comes back in its place. The pixels of a batch are read
+        later, on the helper thread: a caller must not reuse their buffer for the next batch.
         """
         if not self.overlap:
             for context, pixels in batches:
@@ -325,7 +330,7 @@ Sessions = tuple[ort.InferenceSession, ort.InferenceSession, "ort.InferenceSessi
 
 
 def _open_sessions(bundle: Bundle, device: str, threads: int | None, cpu_decoder: bool,
-                   overlap: bool) -> Sessions:
+                   overlap: bool | None) -> Sessions:
     """The encoder and decoder sessions, on the same device, and the scorer's (when the
     bundle has one) always on the CPU: its step is int8, whose matrix products onnxruntime's
     CUDA provider runs on the host (onnxruntime#7745) with copies at every node, and its
@@ -333,8 +338,9 @@ def _open_sessions(bundle: Bundle, device: str, threads: int | None, cpu_decoder
     has one (and with it that step's model id, hence the returned bundle). Where only the
     CPU can be meant, the sessions are built at once on threads (onnxruntime lets go of the
     GIL for part of it): 0.054 s instead of 0.07 for two; where CUDA may start, the decoder
-    waits to follow the device the encoder really got. With overlap, the search's sessions
-    on a CPU get half the threads (search_threads)."""
+    waits to follow the device the encoder really got. With overlap asked for, the search's
+    sessions on a CPU get half the threads (search_threads); on CUDA the scorer keeps them all,
+    beside a GPU that does the rest."""
     scorer_path = bundle.scorer_path
     if device == "cpu" or (device == "auto" and not sessions.cuda_built_in()):
         chosen = bundle.for_device("cpu") if cpu_decoder else bundle
@@ -347,17 +353,18 @@ def _open_sessions(bundle: Bundle, device: str, threads: int | None, cpu_decoder
     encoder = open_session(bundle.encoder_path, device, threads=threads)
     on = session_device(encoder)
     chosen = bundle.for_device(on) if cpu_decoder else bundle
-    scorer = open_session(scorer_path, "cpu", threads=threads) if scorer_path else None
-    decoder_threads = search_threads(threads, overlap) if on == "cpu" else threads
-    return encoder, open_session(chosen.decoder_path, on, threads=decoder_threads), scorer, chosen
+    searching = search_threads(threads, overlap) if on == "cpu" else threads
+    scorer = open_session(scorer_path, "cpu", threads=searching) if scorer_path else None
+    return encoder, open_session(chosen.decoder_path, on, threads=searching), scorer, chosen
 
 
-def search_threads(threads: int | None, overlap: bool) -> int | None:
+def search_threads(threads: int | None, overlap: bool | None) -> int | None:
     """onnxruntime threads for the decoder and scorer sessions on a CPU. Beside an encoder
     running ahead on its own thread they get half the cores: their steps are small (tens of
     rows) and gain little from a second thread (a 48-row scorer step: 2.00 ms on 1 thread,
     1.72 ms on 2), while the encoder scales (63.7 -> 121.8 img/s), so the cores are better
-    spent on both at once than on each in turn (benchmarks/README.md, issue #13)."""
+    spent on both at once than on each in turn (benchmarks/README.md, issue #13). Only an
+    overlap asked for counts (None is off on a CPU)."""
     if not overlap:
         return threads
     return max(1, (threads or default_threads()) // 2)

@@ -6,10 +6,12 @@ After a complete walk, rows under the folders walked whose files are gone are
 marked missing (caption_cli.prune).
 
 Every stage is a generator over the one before, and the only look-ahead is bounded
-(a resume look-up chunk, the decoders' in-flight files, one batch), so memory stays
-flat for any number of photos. A bad file becomes an error row and the run goes on;
-each batch is one database transaction, so a run killed at any point loses at most
-the batch in flight, which the next run captions.
+(a resume look-up chunk, the decoders' in-flight files, the batch being gathered and the
+one the captioner holds while it encodes the next: Captioner.caption_stream), so memory
+stays flat for any number of photos. A bad file becomes an error row and the run goes on;
+each batch is one database transaction, stored as soon as its captions come back, so a
+run killed at any point loses at most the batches in flight (two), which the next run
+captions.
 """
 
 from __future__ import annotations
@@ -336,7 +338,8 @@ SKIPPED_METADATA_CHUNK = 64  # skipped files whose stored captions go to the wri
 
 
 class _Batcher:
-    """Collects decoded files; flush captions the good ones in one call and stores all."""
+    """Collects decoded files; take() hands over a batch's pixels to caption, store() writes
+    the batch once its captions are back."""
 
     def __init__(
         self,

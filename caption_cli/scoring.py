@@ -7,8 +7,8 @@ search: one decoder step per token position over all captions at once.
 An image's alternatives come from one beam, so they share their first words ("a dog
 runs ..." / "a dog is running ..."). Each row of a step is one node of the prefix tree
 of an image's sequences, not one sequence: the sequences that agree so far share a row,
-which splits where they part. On Flickr8k photos with beam 3 that runs 58% of the rows
-one row per sequence would. Rows only ever copy their image's features when a sequence
+which splits where they part. On Flickr8k photos with beam 3 that runs about 60% of the
+rows one row per sequence would (58% and 61% on two samples of 160). Rows only ever copy their image's features when a sequence
 splits off or a row ends (its slot is refilled), never at every step.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +42,25 @@ def test_overlapped_batches_give_the_same_captions(bundle: Bundle, count: int, c
     assert piped._helper is None
 
 
-def test_overlap_defaults_on_and_halves_the_search_threads_on_the_cpu(bundle: Bundle):
-    captioner = Captioner(bundle, device="cpu", threads=4)
-    assert captioner.overlap is True
-    assert captioner.preferred_batch == PREFERRED_BATCH["cpu"]
-    assert search_threads(4, overlap=True) == 2 and search_threads(1, overlap=True) == 1
-    assert search_threads(4, overlap=False) == 4 and search_threads(None, overlap=False) is None
-    assert search_threads(None, overlap=True) == max(1, default_threads() // 2)
+def test_overlap_defaults_off_on_the_cpu_and_when_asked_for_halves_the_search_threads(bundle: Bundle):
+    plain = Captioner(bundle, device="cpu", threads=4)
+    assert plain.overlap is False  # caption() keeps searching whole batches in turns with the encoder
+    assert plain.preferred_batch == PREFERRED_BATCH["cpu"]
     # onnxruntime reports the thread count each session was built with
-    assert captioner._encoder.get_session_options().intra_op_num_threads == 4
-    assert captioner._decoder.get_session_options().intra_op_num_threads == 2
-    turns = Captioner(bundle, device="cpu", threads=4, overlap=False)
-    assert turns._decoder.get_session_options().intra_op_num_threads == 4
+    assert plain._decoder.get_session_options().intra_op_num_threads == 4
+    ahead = Captioner(bundle, device="cpu", threads=4, overlap=True)
+    assert ahead._encoder.get_session_options().intra_op_num_threads == 4
+    assert ahead._decoder.get_session_options().intra_op_num_threads == 2
+    assert search_threads(4, overlap=True) == 2 and search_threads(1, overlap=True) == 1
+    assert search_threads(4, overlap=False) == 4 and search_threads(4, overlap=None) == 4
+    assert search_threads(None, overlap=True) == max(1, default_threads() // 2)
+
+
+def test_the_annotate_command_asks_for_overlap(tiny_bundle: Path):
+    from caption_cli.commands.annotate import load_captioner
+
+    captioner = load_captioner(tiny_bundle, "cpu")
+    assert captioner.overlap is True
 
 
 def _stream_of(batches: list) -> list:
@@ -88,18 +96,27 @@ def test_caption_stream_encodes_the_next_batch_before_handing_back_this_one(bund
             pulled.append(i)
             yield i, photos(bundle, 2, seed=i)
 
-    captioner = Captioner(bundle, device="cpu", threads=1)
+    captioner = Captioner(bundle, device="cpu", threads=1, overlap=True)
+    encoded_on: list[str] = []
+    plain_encode = captioner._encode_all
+
+    def recording_encode(pixels):
+        encoded_on.append(threading.current_thread().name)
+        return plain_encode(pixels)
+
+    captioner._encode_all = recording_encode
     try:
         seen = [(context, list(pulled)) for context, _ in captioner.caption_stream(batches())]
     finally:
         captioner.close()
     assert seen == [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
+    assert len(encoded_on) == 3 and all(name.startswith("caption-cli-encoder") for name in encoded_on)
     assert captioner.times.encoder_wait >= 0 and captioner.times.encoder > 0
 
 
 def test_bad_pixels_in_a_stream_fail_clearly(bundle: Bundle):
     s = bundle.image_size
-    captioner = Captioner(bundle, device="cpu", threads=1)
+    captioner = Captioner(bundle, device="cpu", threads=1, overlap=True)
     stream = captioner.caption_stream(_stream_of([photos(bundle, 2), np.zeros((2, s, s, 3), np.float32)]))
     with pytest.raises(ValueError, match=r"pixels must be uint8"):
         list(stream)

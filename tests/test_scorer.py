@@ -32,12 +32,14 @@ class RecordingStep:
         rng = np.random.default_rng(1)
         self.embed = rng.normal(size=(V, H))
         self.mix = rng.normal(size=(E, H))
+        self.mix_keys = rng.normal(size=(5, H))
         self.out = rng.normal(size=(H, V))
         self.batches: list[int] = []
 
     def __call__(self, token, hidden, features, keys):
         self.batches.append(len(token))
-        hidden = np.tanh(hidden + self.embed[token] + features.mean(axis=1) @ self.mix)
+        hidden = np.tanh(hidden + self.embed[token] + features.mean(axis=1) @ self.mix
+                         + keys.mean(axis=1) @ self.mix_keys)
         logits = hidden @ self.out
         logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         return logprobs, hidden, np.full((len(token), L), 1.0 / L)

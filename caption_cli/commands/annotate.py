@@ -113,7 +113,9 @@ def load_captioner(
     from caption_cli.captioner import Captioner
 
     options = SearchOptions(beam_size=beam, alternatives=alternatives)
-    return Captioner(load_bundle(model), device=device, options=options)
+    # overlap: the pipeline streams its batches, so each batch's encoder runs beside the
+    # search of the one before, on a CPU too (Captioner.caption_stream, issue #13)
+    return Captioner(load_bundle(model), device=device, options=options, overlap=True)
 
 
 def _captioner_or_exit(
