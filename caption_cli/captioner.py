@@ -1,11 +1,11 @@
 """Captioner: the encoder and decoder sessions, loaded once, and one batched search per batch.
 
-The encoder runs ahead on a helper thread while the beam search runs on the caller's
-(onnxruntime releases the GIL): `caption_stream` starts each batch's encoder as soon as the
-batch arrives, so it runs while the batch before is searched, stored and the next one
-gathered; `caption(pixels)` does the same chunk by chunk within one batch. On CUDA the decoder step binds
-features and keys to the device once per set of running rows instead of copying them
-in at every step (onnxruntime IO binding). A bundle with a confidence scorer gets one
+With `overlap`, the encoder runs ahead on a helper thread while the beam search runs on
+the caller's (onnxruntime releases the GIL): `caption_stream` starts each batch's encoder
+as soon as the batch arrives, so it runs while the batch before is searched, stored and
+the next one gathered; `caption(pixels)` does the same chunk by chunk within one batch.
+On CUDA the decoder step binds features and keys to the device once per set of running
+rows instead of copying them in at every step (onnxruntime IO binding). A bundle with a confidence scorer gets one
 more pass per batch: the scorer reads the chosen captions (caption_cli.scoring).
 """
 
@@ -208,6 +208,10 @@ class Captioner:
         else:
             found = [scored for encoded in self._encoded_ahead(pixels, chunk)
                      for scored in self._search_and_score(encoded)]
+        return self._captions(found)
+
+    def _captions(self, found: list[tuple[list[Hypothesis], list[float] | None]]) -> list[Caption]:
+        """The Caption of each image searched (and scored), counted."""
         self.times.images += len(found)
         self._bound = None  # the device copies of the last rows are not needed any more
         return [self._caption(hypotheses, scorer_sums) for hypotheses, scorer_sums in found]
@@ -225,7 +229,7 @@ class Captioner:
         """
         if not self.overlap:
             for context, pixels in batches:
-                yield context, self._caption_or_nothing(pixels)
+                yield context, [] if _empty(pixels) else self.caption(pixels)
             return
         waiting: deque[tuple[Context, Future | None]] = deque()
         for context, pixels in batches:
@@ -234,9 +238,6 @@ class Captioner:
                 yield self._finish(*waiting.popleft())
         while waiting:
             yield self._finish(*waiting.popleft())
-
-    def _caption_or_nothing(self, pixels: np.ndarray | None) -> list[Caption]:
-        return [] if _empty(pixels) else self.caption(pixels)
 
     def _start_encoder(self, pixels: np.ndarray) -> Future:
         if self._helper is None:
@@ -253,10 +254,7 @@ class Captioner:
     def _finish(self, context: Context, encoding: Future | None) -> tuple[Context, list[Caption]]:
         if encoding is None:
             return context, []
-        found = self._search_and_score(self._wait_for(encoding))
-        self.times.images += len(found)
-        self._bound = None
-        return context, [self._caption(hypotheses, scorer_sums) for hypotheses, scorer_sums in found]
+        return context, self._captions(self._search_and_score(self._wait_for(encoding)))
 
     def _encoded_ahead(self, pixels: np.ndarray, chunk: int) -> Iterator[tuple[np.ndarray, ...]]:
         """encode() of each chunk in order, the next one already running on the helper

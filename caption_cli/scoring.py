@@ -8,8 +8,9 @@ An image's alternatives come from one beam, so they share their first words ("a 
 runs ..." / "a dog is running ..."). Each row of a step is one node of the prefix tree
 of an image's sequences, not one sequence: the sequences that agree so far share a row,
 which splits where they part. On Flickr8k photos with beam 3 that runs about 60% of the
-rows one row per sequence would (58% and 61% on two samples of 160). Rows only ever copy their image's features when a sequence
-splits off or a row ends (its slot is refilled), never at every step.
+rows one row per sequence would (58% and 61% on two samples of 160). Rows copy their
+image's features only when a sequence splits off or a row ends (its slot is refilled),
+never at every step.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ def sequence_logprobs(step: StepFn, sequences: Sequence[Sequence[int]], image_of
     row_of = first_row.reshape(-1)
     rows = _PrefixRows(features, keys, hidden0, images, capacity=len(member))
     token = np.full(len(images), start_id, dtype=np.int64)
-    vocab = 0
     position = 0
     while len(member):
         logprobs, hidden_out, _ = step(token, *rows.inputs())

@@ -55,17 +55,23 @@ def one_by_one(step, sequence, features, keys, hidden, start_id=1) -> float:
     return total
 
 
+def scored_alike(step, sequences, image_of, features, keys, hidden0) -> np.ndarray:
+    """sequence_logprobs over all sequences at once, checked against one_by_one for each."""
+    totals = sequence_logprobs(step, sequences, image_of, features, keys, hidden0, start_id=1)
+    for sequence, image, total in zip(sequences, image_of, totals):
+        expected = one_by_one(RecordingStep(), sequence, features[image:image + 1], keys[image:image + 1],
+                              hidden0[image:image + 1])
+        assert total == pytest.approx(expected, abs=1e-12)
+    return totals
+
+
 def test_sequence_logprobs_match_scoring_each_sequence_alone():
     rng = np.random.default_rng(0)
     features, keys, hidden0 = rng.normal(size=(3, L, E)), rng.normal(size=(3, L, 5)), rng.normal(size=(3, H))
     sequences = [[4, 5, 2], [6, 2], [4, 4, 4, 6, 5, 2], [], [5], [6, 6, 6, 6, 6, 6]]
     image_of = [0, 2, 1, 1, 0, 2]
     step = RecordingStep()
-    totals = sequence_logprobs(step, sequences, image_of, features, keys, hidden0, start_id=1)
-    for sequence, image, total in zip(sequences, image_of, totals):
-        expected = one_by_one(RecordingStep(), sequence, features[image:image + 1], keys[image:image + 1],
-                              hidden0[image:image + 1])
-        assert total == pytest.approx(expected, abs=1e-12)
+    totals = scored_alike(step, sequences, image_of, features, keys, hidden0)
     assert totals[3] == 0.0  # nothing to score
     # one call per position, each over the distinct prefixes still being read: image 2's two
     # sequences share their first word, so they share a row until the shorter one ends
@@ -96,11 +102,7 @@ def test_shared_prefixes_are_read_once_and_every_sum_is_exact(seed: int):
     order = rng.permutation(len(sequences))
     sequences, image_of = [sequences[i] for i in order], [image_of[i] for i in order]
     step = RecordingStep()
-    totals = sequence_logprobs(step, sequences, image_of, features, keys, hidden0, start_id=1)
-    for sequence, image, total in zip(sequences, image_of, totals):
-        expected = one_by_one(RecordingStep(), sequence, features[image:image + 1], keys[image:image + 1],
-                              hidden0[image:image + 1])
-        assert total == pytest.approx(expected, abs=1e-12)
+    totals = scored_alike(step, sequences, image_of, features, keys, hidden0)
     if any(sequences):
         assert step.batches == _distinct_prefixes(sequences, image_of)
         assert sum(step.batches) < sum(map(len, sequences))  # sharing happened
