@@ -111,7 +111,7 @@ def test_caption_stream_encodes_the_next_batch_before_handing_back_this_one(bund
         captioner.close()
     assert seen == [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
     assert len(encoded_on) == 3 and all(name.startswith("caption-cli-encoder") for name in encoded_on)
-    assert captioner.times.encoder_wait >= 0 and captioner.times.encoder > 0
+    assert captioner.times.encoder > 0
 
 
 def test_bad_pixels_in_a_stream_fail_clearly(bundle: Bundle):
