@@ -12,7 +12,12 @@ One run measures, on Flickr8k images (and with --big on 4000x3000 JPEG upscales 
       temporary folder, default workers and batch size, as `caption-cli annotate` runs it.
   (c) the floor: decode+resize alone (images.decode_many) and the encoder.onnx session alone on
       batches of decoded pixels: what annotate would reach if the beam search, the store and
-      the hand-offs between stages cost nothing.
+      the hand-offs between stages cost nothing. On a CPU also the work ceiling: the beam
+      search and the confidence scorer alone on encoded batches (their CPU seconds per image,
+      on the threads annotate gives them), added to the floor's work with every core busy:
+      what annotate would reach if only the hand-offs cost nothing, so annotate / ceiling says
+      how well the stages share the cores and ceiling / floor how far the search's own work
+      lets annotate / floor go.
   (d) memory: annotate over a folder of --rss-images (10k) files in a fresh process; its peak
       RSS after --rss-first (1k) files and at the end.
   (e) with --compare-model OLD: annotate with this bundle and with OLD on the same files, in
@@ -31,6 +36,7 @@ import json
 import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -52,7 +58,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout that is not pip
 
 from caption_cli.beam import SearchOptions  # noqa: E402
 from caption_cli.bundle import DEFAULT_BUNDLE_DIR, load_bundle  # noqa: E402
-from caption_cli.captioner import Captioner  # noqa: E402
+from caption_cli.captioner import Captioner, search_threads  # noqa: E402
 from caption_cli.errors import CaptionCliError  # noqa: E402
 from caption_cli.images import decode_many, is_image_name  # noqa: E402
 from caption_cli.pipeline import AnnotateOptions, annotate, default_workers  # noqa: E402
@@ -287,6 +293,8 @@ def floor_in_turns(label: str, paths: list[Path], folder: Path, args: argparse.N
     annotate); the medians over all rounds are what the floor targets use."""
     size = captioner.bundle.image_size
     rounds = {"decode": [first["decode"]], "encoder": [first["encoder"]], "annotate": [first["annotate"]]}
+    if first["search"] is not None:
+        rounds["search"] = [first["search"]]
     options = measuring_options(batch_size=args.batch_size, workers=args.workers)
     for round_ in range(1, args.floor_rounds):
         rounds["decode"].append(decode_rate(paths, size, first["decode_workers"], keep=1)[0])
@@ -294,12 +302,41 @@ def floor_in_turns(label: str, paths: list[Path], folder: Path, args: argparse.N
                                               first["threads"], (first["batch"],))[first["batch"]])
         with Store(tmp / f"{label}-floor-{round_}.db") as store:
             rounds["annotate"].append(annotate([folder], captioner, store, options).images_per_second)
+        if "search" in rounds:
+            rounds["search"].append(search_cpu(captioner, pixels, args.batch_size))
     medians = {part: float(np.median(values)) for part, values in rounds.items()}
     for part, values in rounds.items():
-        say(f"    (in turns) {part:<13} {medians[part]:8.1f} img/s   median of {', '.join(f'{v:.1f}' for v in values)}")
+        if part == "search":
+            say(f"    (in turns) {part:<13} {medians[part] * 1000:8.2f} ms    CPU per image, median of "
+                f"{', '.join(f'{v * 1000:.2f}' for v in values)}")
+        else:
+            say(f"    (in turns) {part:<13} {medians[part]:8.1f} img/s   median of {', '.join(f'{v:.1f}' for v in values)}")
     return {"rounds": rounds, "medians": medians}
 
 
+
+
+def search_cpu(captioner: Captioner, pixels: np.ndarray, batch: int) -> float:
+    """CPU seconds per image of the beam search and the confidence scorer alone, in batches
+    of `batch` already encoded, on a Captioner with the threads annotate gives them on a CPU
+    (search_threads): the caller's-thread work that the floor leaves out. Process CPU time
+    (getrusage), so a search session on two threads counts both."""
+    searcher = Captioner(captioner.bundle, "cpu", captioner.options, threads=search_threads(None, overlap=True))
+    encoded = [searcher._encode_all(pixels[start:start + batch]) for start in range(0, len(pixels), batch)]
+    searcher._search_and_score(encoded[0])  # warm-up: the first run of each row count allocates
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for part in encoded:
+        searcher._captions(searcher._search_and_score(part))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return seconds / len(pixels)
+
+
+def ceiling_of(decode: float, encoder: float, search_seconds: float, cores: int = CPUS) -> float:
+    """Images/s with every core busy on the measured work and nothing lost between stages:
+    decode and encoder rates use all the cores, so each image costs cores/rate CPU seconds
+    of each, plus the search's own CPU seconds."""
+    return cores / (cores / decode + cores / encoder + search_seconds)
 
 
 def decode_rate(paths: list[Path], size: int, workers: int, keep: int) -> tuple[float, np.ndarray]:
@@ -553,6 +590,14 @@ def run_set(label: str, sources: list[Path], args: argparse.Namespace, captioner
     floor, how = floor_of(decode, encoder, captioner.device)
     say(f"    floor                    {floor:8.1f} img/s   {how}; decode at {decode_workers} workers, "
         f"encoder at batch {best['batch']}, {best['threads'] or 'default'} threads (each at its best)")
+    search = None
+    if captioner.device == "cpu":
+        search = search_cpu(captioner, pixels, args.batch_size)
+        ceiling = ceiling_of(decode, encoder, search)
+        say(f"(c) search + scorer only     {search * 1000:8.2f} ms    CPU per image, batches of {args.batch_size} "
+            f"already encoded, {search_threads(None, overlap=True)} thread(s) as annotate gives them")
+        say(f"    work ceiling             {ceiling:8.1f} img/s   {CPUS}/({CPUS}/decode + {CPUS}/encoder + search CPU): "
+            f"every core busy, nothing lost between stages; {ceiling / floor:.2f} of the floor")
     model_only = model_rate(captioner.caption, pixels, args.batch_size, min(args.images, len(pixels)))
     say(f"    (info) encoder + beam    {model_only:8.1f} img/s   Captioner.caption on decoded batches")
 
@@ -564,14 +609,20 @@ def run_set(label: str, sources: list[Path], args: argparse.Namespace, captioner
     annotate_rate = annotated["rate"]
     if args.floor_rounds > 1:
         turns = floor_in_turns(label, paths, tmp / label, args, captioner,
-                               {"decode": decode, "encoder": encoder, "annotate": annotated["rate"],
+                               {"decode": decode, "encoder": encoder, "annotate": annotated["rate"], "search": search,
                                 "decode_workers": decode_workers, "threads": best["threads"], "batch": best["batch"]},
                                pixels, tmp)
         result["floor_in_turns"] = turns
         decode, encoder, annotate_rate = (turns["medians"][part] for part in ("decode", "encoder", "annotate"))
+        search = turns["medians"].get("search")
         floor, how = floor_of(decode, encoder, captioner.device)
         say(f"    floor (in turns)         {floor:8.1f} img/s   {how}, from the medians; the targets use it "
             f"and annotate's median")
+    if search is not None:
+        ceiling = ceiling_of(decode, encoder, search)
+        result.update(search_cpu=search, ceiling=ceiling)
+        say(f"    annotate / work ceiling  {annotate_rate / ceiling:8.2f}        ceiling {ceiling:.1f} img/s = "
+            f"{ceiling / floor:.2f} of the floor (information: what is left is sharing, not work)")
     whole = whole_process(tmp / label, args, tmp / f"{label}-cli.db")
     say(f"(b) caption-cli annotate     {whole['rate']:8.1f} img/s   the whole command: {args.images} files in "
         f"{whole['seconds']:.1f} s, process start and session creation included")
