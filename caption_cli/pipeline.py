@@ -11,7 +11,8 @@ one the captioner holds while it encodes the next: Captioner.caption_stream), so
 stays flat for any number of photos. A bad file becomes an error row and the run goes on;
 each batch is one database transaction, stored as soon as its captions come back, so a
 run killed at any point loses at most the batches in flight (two), which the next run
-captions.
+captions. A run stopped by Ctrl-C (or SIGTERM/SIGHUP, see caption_cli.stopping) raises
+Stopped with the counts of what it stored, after finishing its runs row.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from caption_cli.confidence import passes
 from caption_cli.images import DecodedImage, content_hash, decode, decode_many, resolve_root, walk
 from caption_cli.prune import mark_missing
 from caption_cli.results import Caption, CaptionResult
+from caption_cli.stopping import Stopped, stop_signal
 
 if TYPE_CHECKING:
     from caption_cli.store import ReusedCaption
@@ -254,6 +256,8 @@ def annotate(
             batcher.store(batch, captions)
         batcher.flush_skipped()
         run.mark_missing_under(roots, options)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM/SIGHUP (caption_cli.stopping)
+        raise Stopped(stop_signal(interrupt), run.summary) from interrupt
     finally:
         if known is not None and hasattr(known, "close"):
             known.close()  # used in this process when workers == 0

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from caption_cli.cli import app
 from caption_cli.commands import annotate as commands
 from caption_cli.results import CaptionResult
+from tests.conftest import sigint_as_in_a_terminal
 from tests.test_pipeline import FakeCaptioner, make_photos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -558,6 +559,38 @@ def test_sigkill_then_resume_captions_every_image_exactly_once(launcher: Path, t
     assert rows(db, "select count(*) from alternatives") == [(48,)]
     assert rows(db, "select count(*) from attention") == [(72,)]
     assert rows(db, "select count(*) from runs where finished_at is null") == [(1,)]  # the killed one
+
+
+@pytest.mark.parametrize("signum, status, named", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_stop_signal_ends_the_run_cleanly_and_the_next_run_goes_on(launcher: Path, tmp_path: Path, db: Path,
+                                                                     signum: int, status: int, named: str):
+    expected = make_photos(tmp_path / "photos", 24)
+    args = [sys.executable, str(launcher), "annotate", str(tmp_path / "photos"), "--db", str(db),
+            "--batch-size", "2", "--workers", "1"]
+    process = subprocess.Popen(args, env=_env(FAKE_DELAY="0.2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=sigint_as_in_a_terminal)
+    try:
+        deadline = time.monotonic() + 60
+        while _count_ok(db) < 4 and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None
+        process.send_signal(signum)  # to the run alone, as `kill` or a service manager sends it
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    done = _count_ok(db)
+    assert process.returncode == status, err
+    assert 4 <= done < 24 and "Traceback" not in err
+    assert f"Stopped by {named} after " in err and f"captioned {done}, reused 0, skipped 0, failed 0." in err
+    assert "run the same command again to go on" in err
+    assert rows(db, "select captioned, finished_at is not null from runs") == [(done, 1)]  # the run is closed
+
+    resumed = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith(f"Captioned {24 - done}, reused 0, skipped {done}, failed 0")
+    assert rows(db, "select count(*), count(distinct path) from images") == [(24, 24)]
+    assert {Path(p): c for p, _, c, _ in rows(db)} == expected
 
 
 def test_two_annotate_processes_share_one_database(launcher: Path, tmp_path: Path, db: Path):

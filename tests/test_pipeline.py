@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from PIL import Image
 from caption_cli import pipeline
 from caption_cli.pipeline import AnnotateOptions, Summary, annotate
 from caption_cli.results import Alternative, Caption, CaptionResult
+from caption_cli.stopping import Stopped
 from caption_cli.store import DryRunStore, Store
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 220, 30), "blue": (30, 30, 220)}
@@ -230,6 +232,36 @@ def test_crash_mid_run_then_resume_captions_each_image_once(tmp_path: Path, stor
 
     summary = annotate([tmp_path], FakeCaptioner(), store, options(batch_size=3))
     assert (summary.captioned, summary.skipped) == (4, 6)
+    assert stored(store) == expected
+
+
+class StoppedCaptioner(StreamingCaptioner):
+    """A streaming captioner that is stopped (Ctrl-C or a stop signal) in its third batch."""
+
+    def __init__(self, stop: KeyboardInterrupt) -> None:
+        super().__init__()
+        self.stop = stop
+
+    def caption(self, pixels: np.ndarray) -> list[Caption]:
+        if len(self.batches) == 2:
+            raise self.stop
+        return super().caption(pixels)
+
+
+@pytest.mark.parametrize("stop, signum", [(KeyboardInterrupt(), signal.SIGINT),
+                                          (Stopped(signal.SIGTERM), signal.SIGTERM)])
+def test_a_stopped_run_says_what_it_stored_closes_its_run_and_resumes(tmp_path: Path, store: Store, stop, signum):
+    expected = make_photos(tmp_path, 10)
+    with pytest.raises(Stopped) as caught:
+        annotate([tmp_path], StoppedCaptioner(stop), store, options(batch_size=3))
+    summary = caught.value.summary
+    assert caught.value.signum == signum
+    assert (summary.captioned, summary.skipped, summary.failed) == (6, 0, 0) and summary.seconds > 0
+    assert len(stored(store)) == 6
+    assert store.db.execute("select captioned, finished_at is not null from runs").fetchall() == [(6, 1)]
+
+    resumed = annotate([tmp_path], StreamingCaptioner(), store, options(batch_size=3))
+    assert (resumed.captioned, resumed.skipped) == (4, 6)
     assert stored(store) == expected
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -161,7 +162,8 @@ def test_polling_and_a_periodic_rescan_find_what_events_missed(tmp_path: Path):
     assert watching.totals.rescans >= 2
 
 
-def test_cli_watch_stops_cleanly_on_ctrl_c(launcher: Path, tmp_path: Path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_cli_watch_stops_cleanly_on_ctrl_c_and_on_sigterm(launcher: Path, tmp_path: Path, signum: int):
     root, db = tmp_path / "photos", tmp_path / "captions.db"
     make_photos(root, 2)
     process = subprocess.Popen(
@@ -173,7 +175,7 @@ def test_cli_watch_stops_cleanly_on_ctrl_c(launcher: Path, tmp_path: Path):
         unique_png(root / "later.png", 3)
         wait_for(lambda: _count_ok(db) == 3 or process.poll() is not None)
         assert process.poll() is None
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)  # SIGTERM: a service manager's stop
         out, err = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
@@ -181,3 +183,5 @@ def test_cli_watch_stops_cleanly_on_ctrl_c(launcher: Path, tmp_path: Path):
     assert process.returncode == 0, err
     assert "Traceback" not in err and "Stopped. In 2 batch(es): captioned 3, reused 0, failed 0" in err
     assert "[" in out and "scan] Captioned 2, reused 0" in out and "new] Captioned 1," in out
+    with sqlite3.connect(db) as conn:  # every run the watch made is closed, also after a SIGTERM
+        assert conn.execute("select count(*) from runs where finished_at is null").fetchone() == (0,)

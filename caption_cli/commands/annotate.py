@@ -35,6 +35,7 @@ from caption_cli.confidence import DEFAULT_MIN_CONFIDENCE
 from caption_cli.display import display_text
 from caption_cli.errors import BundleError, CaptionCliError
 from caption_cli.results import CaptionResult
+from caption_cli.stopping import exit_status, signal_name, signals_stop_like_ctrl_c, stop_signal
 from caption_cli.store import DB_ENV, DEFAULT_DB
 
 MAX_BATCH = 1024  # images held in memory at once (decoded pixels, beams): a typo must not exhaust RAM
@@ -380,59 +381,62 @@ def annotate(
     )
     show_progress = _interactive()
 
-    with ExitStack() as stack:
-        # Cheap failures first (exiftool missing), then the model, then the Ray cluster,
-        # then the store: a bad --model, or --alternatives above the bundle's beam, is only
-        # found once the bundle is read, a cluster only once it is asked, and neither
-        # failure must leave a new empty database behind.
-        writer = None
-        if write_metadata is not None:
-            writer = stack.enter_context(_metadata_writer(write_metadata, dry_run))
-        pool = None
-        if ray is None:  # the workers boot while the sessions are built (images.start_decoders)
-            from caption_cli.images import start_decoders
-
-            pool = start_decoders(options.workers)
-            if pool is not None:
-                stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-        prestarted = options.workers
-        captioner = _captioner_or_exit(model, device, beam, alternatives, load)
-        size_for_device(options, captioner, batch_size, workers)
-        if pool is not None and options.workers != prestarted:  # CUDA loaded: more decoders
-            pool.shutdown(wait=False, cancel_futures=True)
+    try:
+        with ExitStack() as stack:
+            stack.enter_context(signals_stop_like_ctrl_c())  # a service's stop ends the run like Ctrl-C
+            # Cheap failures first (exiftool missing), then the model, then the Ray cluster,
+            # then the store: a bad --model, or --alternatives above the bundle's beam, is only
+            # found once the bundle is read, a cluster only once it is asked, and neither
+            # failure must leave a new empty database behind.
+            writer = None
+            if write_metadata is not None:
+                writer = stack.enter_context(_metadata_writer(write_metadata, dry_run))
             pool = None
-        if ray is not None:  # cluster.annotate runs on this connection; it ends with the stack
+            if ray is None:  # the workers boot while the sessions are built (images.start_decoders)
+                from caption_cli.images import start_decoders
+
+                pool = start_decoders(options.workers)
+                if pool is not None:
+                    stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            prestarted = options.workers
+            captioner = _captioner_or_exit(model, device, beam, alternatives, load)
+            size_for_device(options, captioner, batch_size, workers)
+            if pool is not None and options.workers != prestarted:  # CUDA loaded: more decoders
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = None
+            if ray is not None:  # cluster.annotate runs on this connection; it ends with the stack
+                try:
+                    ray_module = stack.enter_context(cluster.connected(ray))
+                    # a pool that cannot fit (--device cuda with no GPU, too few CPUs) fails here too
+                    cluster.plan(ray_module.cluster_resources(), captioner.requested_device, cluster.ClusterOptions())
+                except CaptionCliError as exc:
+                    _fail(str(exc))
+            if dry_run:
+                from caption_cli.store import DryRunStore
+
+                store = stack.enter_context(DryRunStore(db))
+            else:
+                store = stack.enter_context(_open_store(db))
+            reporter = stack.enter_context(_Reporter(as_json, show_progress, total=None))
+            if show_progress:
+                _count_in_background(paths, options, reporter.set_total)
             try:
-                ray_module = stack.enter_context(cluster.connected(ray))
-                # a pool that cannot fit (--device cuda with no GPU, too few CPUs) fails here too
-                cluster.plan(ray_module.cluster_resources(), captioner.requested_device, cluster.ClusterOptions())
+                summary = run_pipeline(
+                    paths,
+                    captioner,
+                    store,
+                    options,
+                    argv=sys.argv,
+                    on_result=reporter.result,
+                    on_skip=reporter.skipped,
+                    metadata_writer=writer,
+                    on_metadata=reporter.metadata,
+                    **({} if pool is None else {"decoder_pool": pool}),
+                )
             except CaptionCliError as exc:
                 _fail(str(exc))
-        if dry_run:
-            from caption_cli.store import DryRunStore
-
-            store = stack.enter_context(DryRunStore(db))
-        else:
-            store = stack.enter_context(_open_store(db))
-        reporter = stack.enter_context(_Reporter(as_json, show_progress, total=None))
-        if show_progress:
-            _count_in_background(paths, options, reporter.set_total)
-        try:
-            summary = run_pipeline(
-                paths,
-                captioner,
-                store,
-                options,
-                argv=sys.argv,
-                on_result=reporter.result,
-                on_skip=reporter.skipped,
-                metadata_writer=writer,
-                on_metadata=reporter.metadata,
-                **({} if pool is None else {"decoder_pool": pool}),
-            )
-        except CaptionCliError as exc:
-            _fail(str(exc))
-
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, SIGTERM or SIGHUP: what was stored stays
+        _report_stop(interrupt, dry_run)
     typer.echo(_summary_line(summary, captioner.device, write_metadata is not None, min_confidence, dry_run),
                err=as_json)
     kept = summary.skipped + summary.reused
@@ -441,6 +445,22 @@ def annotate(
                    "kept their captions; add --force to caption them again with these search options.", err=True)
     if not summary.ok:
         raise typer.Exit(1)
+
+
+def _report_stop(interrupt: KeyboardInterrupt, dry_run: bool) -> NoReturn:
+    """How far a stopped run got, in one line, then exit 128 + the signal's number (130 for
+    Ctrl-C). Every batch stored before the stop stays; the next run skips those files."""
+    summary = getattr(interrupt, "summary", None)
+    line = f"Stopped by {signal_name(stop_signal(interrupt))}"
+    if summary is not None:
+        line += (f" after {summary.seconds:.1f} s: captioned {summary.captioned}, reused {summary.reused}, "
+                 f"skipped {summary.skipped}, failed {summary.failed}")
+    if dry_run:
+        line += " (dry run: nothing was written)."
+    else:
+        line += ". What was stored stays; run the same command again to go on."
+    typer.echo(line, err=True)
+    raise typer.Exit(exit_status(interrupt))
 
 
 def _summary_line(summary: Any, device: str, metadata: bool, min_confidence: float, dry_run: bool) -> str:

@@ -1,8 +1,9 @@
 """CLI command: watch, which keeps folders captioned as photos arrive, change and go.
 
 The same options as annotate; each batch of settled files goes through the same
-pipeline (caption_cli.watch). Ctrl-C stops it between two batches' writes: every
-batch is one transaction, so nothing stored is half-written, and what was in flight
+pipeline (caption_cli.watch). Ctrl-C stops it between two batches' writes, and so do
+SIGTERM (a service manager's stop) and SIGHUP (caption_cli.stopping): every batch is one
+transaction, so nothing stored is half-written, and what was in flight
 is captioned by the next start's catch-up scan.
 """
 
@@ -39,6 +40,7 @@ from caption_cli.commands.annotate import (
 )
 from caption_cli.confidence import DEFAULT_MIN_CONFIDENCE
 from caption_cli.errors import CaptionCliError
+from caption_cli.stopping import signals_stop_like_ctrl_c
 from caption_cli.store import DEFAULT_DB
 
 
@@ -93,6 +95,8 @@ def watch(
     totals = WatchTotals()
     device_name = "?"
     with ExitStack() as stack:
+        # a service manager's stop (SIGTERM) or a closed terminal (SIGHUP) ends the watch as Ctrl-C does
+        stack.enter_context(signals_stop_like_ctrl_c())
         writer = None
         if write_metadata is not None:
             writer = stack.enter_context(_metadata_writer(write_metadata, dry_run=False))
@@ -118,7 +122,7 @@ def watch(
                 metadata_writer=writer, on_metadata=reporter.metadata,
             )
         except KeyboardInterrupt:
-            pass  # the usual way to stop
+            pass  # the usual way to stop: Ctrl-C, or SIGTERM/SIGHUP (caption_cli.stopping)
         except CaptionCliError as exc:
             _fail(str(exc))
     typer.echo(

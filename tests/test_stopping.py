@@ -1,0 +1,73 @@
+"""caption_cli.stopping: SIGTERM and SIGHUP raise Stopped as Ctrl-C raises KeyboardInterrupt,
+only inside the context, and never where the signal is ignored on purpose (nohup)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from caption_cli.stopping import Stopped, exit_status, signal_name, signals_stop_like_ctrl_c, stop_signal
+
+
+def _deliver(number: int) -> None:
+    """Send a signal to this process and give Python the moments it needs to run the handler."""
+    os.kill(os.getpid(), number)
+    for _ in range(200):
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def default_handler():
+    """Each stop signal at its default for the test (a run under nohup inherits SIGHUP ignored)."""
+    saved = {n: signal.signal(n, signal.SIG_DFL) for n in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for number, handler in saved.items():
+        signal.signal(number, handler)
+
+
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_stop_signal_raises_stopped_inside_and_the_old_handler_comes_back(default_handler, name, status):
+    number = getattr(signal, name)
+    with pytest.raises(Stopped) as caught:
+        with signals_stop_like_ctrl_c():
+            _deliver(number)
+    stopped = caught.value
+    assert isinstance(stopped, KeyboardInterrupt)  # so every Ctrl-C handler handles it too
+    assert stopped.signum == number and stop_signal(stopped) == number
+    assert exit_status(stopped) == status and signal_name(number) == name and stopped.summary is None
+    assert signal.getsignal(number) == signal.SIG_DFL
+
+
+def test_a_sighup_ignored_by_nohup_stays_ignored(default_handler):
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with signals_stop_like_ctrl_c():
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        _deliver(signal.SIGHUP)  # nothing is raised
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
+def test_outside_the_main_thread_nothing_changes(default_handler):
+    seen, errors = [], []
+
+    def run() -> None:
+        try:
+            with signals_stop_like_ctrl_c():
+                seen.append(signal.getsignal(signal.SIGTERM))
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert errors == [] and seen == [signal.SIG_DFL]
+
+
+def test_a_plain_ctrl_c_is_named_and_exits_130():
+    assert stop_signal(KeyboardInterrupt()) == signal.SIGINT
+    assert exit_status(KeyboardInterrupt()) == 130
+    assert signal_name(signal.SIGINT) == "Ctrl-C" and str(Stopped(signal.SIGTERM)) == "SIGTERM"
