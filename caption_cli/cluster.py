@@ -60,6 +60,7 @@ from caption_cli.pipeline import (
     files_to_caption,
 )
 from caption_cli.results import Caption, CaptionResult
+from caption_cli.stopping import Stopped, stop_signal, stops_held
 
 RAY_HINT = "pip install 'caption-cli[cluster]'"
 # onnxruntime threads per captioner actor on a CPU node: each actor reserves one CPU of
@@ -356,12 +357,16 @@ def _run(ray: Any, roots: list[Path | str], captioner: RemoteCaptioner, store: S
         todo = files_to_caption(roots, store, model_id, options, run)
         for chunk in _chunks(todo, cluster.first_chunk, cluster.max_chunk):
             for results in _caption_chunk(ray, chunk, captioner, options, cluster, shape, stages):
-                store.write_batch(results, model_id, run.run_id)
-                for result in results:
-                    run.result(result)
+                with stops_held(run.summary):  # a stop waits until the rows are stored and counted
+                    store.write_batch(results, model_id, run.run_id)
+                    for result in results:
+                        run.result(result)
         run.mark_missing_under(roots, options)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM/SIGHUP (caption_cli.stopping)
+        raise Stopped(stop_signal(interrupt), run.summary) from interrupt
     finally:
-        run.finish()
+        with stops_held(run.summary):
+            run.finish()
     return run.summary
 
 

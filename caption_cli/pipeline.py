@@ -33,7 +33,7 @@ from caption_cli.confidence import passes
 from caption_cli.images import DecodedImage, content_hash, decode, decode_many, resolve_root, walk
 from caption_cli.prune import mark_missing
 from caption_cli.results import Caption, CaptionResult
-from caption_cli.stopping import Stopped, stop_signal
+from caption_cli.stopping import Stopped, stop_signal, stops_held
 
 if TYPE_CHECKING:
     from caption_cli.store import ReusedCaption
@@ -261,7 +261,8 @@ def annotate(
     finally:
         if known is not None and hasattr(known, "close"):
             known.close()  # used in this process when workers == 0
-        run.finish()
+        with stops_held(run.summary):  # a second Ctrl-C must not leave the runs row open
+            run.finish()
     return run.summary
 
 
@@ -421,7 +422,8 @@ class _Batcher:
         return batch, np.stack(list(todo.values())) if todo else None
 
     def store(self, batch: Batch, captions: list[Caption]) -> None:
-        """Write a taken batch with its captions (in the order of its pixels), then report it."""
+        """Write a taken batch with its captions (in the order of its pixels) and count and
+        report it, then write its metadata."""
         if len(captions) != len(batch.contents):
             raise RuntimeError(f"the captioner returned {len(captions)} captions for {len(batch.contents)} images")
         by_content = dict(zip(batch.contents, captions))
@@ -438,11 +440,12 @@ class _Batcher:
                 result.reused = content in first_of
                 first_of.add(content)
                 results.append(result)
-        self.database.write_batch(results, self.model_id, self.run_id)
+        with stops_held(self.summary):  # a stop waits until the rows are stored and counted
+            self.database.write_batch(results, self.model_id, self.run_id)
+            for result in results:
+                self.report(result)
         if self.metadata_writer is not None:
             self._write_metadata([r for r in results if r.status == "ok"])
-        for result in results:
-            self.report(result)
 
     def _content_key(self, decoded: DecodedImage, index: int) -> str | int:
         """What makes two files the same content: their hash when reuse is on."""

@@ -4,9 +4,14 @@ A service manager (systemd, `docker stop`, `kill`) asks a process to stop with S
 a terminal that closes sends SIGHUP. By default either ends Python on the spot: the batch
 being stored is rolled back by SQLite, but the run's row in the database never gets its end
 time and counts, and nothing says how far the run got. Inside `signals_stop_like_ctrl_c()`
-both raise `Stopped`, a KeyboardInterrupt, in the main thread instead, so the code that
-already handles Ctrl-C (finish the runs row, shut the decode workers down, print what was
-done) handles them too. A SIGHUP that is ignored on purpose (`nohup`) stays ignored.
+both, and Ctrl-C's SIGINT, raise `Stopped`, a KeyboardInterrupt, in the main thread instead,
+so the code that already handles Ctrl-C (finish the runs row, shut the decode workers down,
+print what was done) handles them all. A signal that is ignored on purpose (`nohup` ignores
+SIGHUP, a background job SIGINT) stays ignored.
+
+`stops_held()` marks a few lines that must not be cut in two, a batch's commit and its
+counting: a stop that comes meanwhile is raised when they are done, so the counts a stopped
+run reports are the rows it stored.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-STOP_SIGNALS = ("SIGTERM", "SIGHUP")
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+_holding = 0  # stops_held() blocks entered and not yet left (main thread only)
+_held: int | None = None  # a stop signal that came while holding
 
 
 class Stopped(KeyboardInterrupt):
@@ -52,24 +60,48 @@ def exit_status(interrupt: KeyboardInterrupt) -> int:
 
 @contextmanager
 def signals_stop_like_ctrl_c() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise Stopped in the main thread; the previous
-    handlers come back on the way out. Outside the main thread (where Python cannot set a
-    handler) and for signals this platform lacks, nothing changes."""
+    """While inside, SIGINT, SIGTERM and SIGHUP raise Stopped in the main thread (later, if
+    it is inside stops_held); the previous handlers come back on the way out. Outside the
+    main thread (where Python cannot set a handler) and for signals this platform lacks,
+    nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise Stopped(signum)
-
     previous = {}
     for name in STOP_SIGNALS:
         number = getattr(signal, name, None)
         if number is None or signal.getsignal(number) == signal.SIG_IGN:  # nohup ignores SIGHUP: keep it so
             continue
-        previous[number] = signal.signal(number, stop)
+        previous[number] = signal.signal(number, _stop)
     try:
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def _stop(signum: int, frame: Any) -> None:
+    global _held
+    if _holding:
+        _held = signum
+        return
+    raise Stopped(signum)
+
+
+@contextmanager
+def stops_held(summary: Any = None) -> Iterator[None]:
+    """Hold a stop signal (one handled by signals_stop_like_ctrl_c) until the block is done,
+    then raise Stopped(signum, summary). For work that must not be cut in two: a batch's
+    commit and its counting, the runs row's last update. Used in the main thread."""
+    global _holding, _held
+    if threading.current_thread() is not threading.main_thread():  # signals only ever reach the main thread
+        yield
+        return
+    _holding += 1
+    try:
+        yield
+    finally:
+        _holding -= 1
+        if not _holding and _held is not None:
+            signum, _held = _held, None
+            raise Stopped(signum, summary)

@@ -15,7 +15,7 @@ from PIL import Image
 from caption_cli import pipeline
 from caption_cli.pipeline import AnnotateOptions, Summary, annotate
 from caption_cli.results import Alternative, Caption, CaptionResult
-from caption_cli.stopping import Stopped
+from caption_cli.stopping import Stopped, signals_stop_like_ctrl_c
 from caption_cli.store import DryRunStore, Store
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 220, 30), "blue": (30, 30, 220)}
@@ -263,6 +263,27 @@ def test_a_stopped_run_says_what_it_stored_closes_its_run_and_resumes(tmp_path: 
     resumed = annotate([tmp_path], StreamingCaptioner(), store, options(batch_size=3))
     assert (resumed.captioned, resumed.skipped) == (4, 6)
     assert stored(store) == expected
+
+
+def test_a_stop_during_a_commit_waits_until_the_batch_is_stored_and_counted(tmp_path: Path, store: Store,
+                                                                            monkeypatch):
+    make_photos(tmp_path, 10)
+    commit = store.write_batch
+    commits = []
+
+    def write_batch(results, model_id, run_id):
+        commits.append(len(results))
+        if len(commits) == 2:  # SIGTERM arrives in the middle of the second batch's commit
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs in here, and holds the stop
+        commit(results, model_id, run_id)
+
+    monkeypatch.setattr(store, "write_batch", write_batch)
+    with signals_stop_like_ctrl_c(), pytest.raises(Stopped) as caught:
+        annotate([tmp_path], StreamingCaptioner(), store, options(batch_size=3))
+    assert caught.value.signum == signal.SIGTERM and commits == [3, 3]
+    assert caught.value.summary.captioned == len(stored(store)) == 6  # what it says is what it stored
+    assert store.db.execute("select captioned, finished_at is not null from runs").fetchall() == [(6, 1)]
 
 
 def test_pipeline_streams_instead_of_listing_everything_first(tmp_path: Path, store: Store, monkeypatch):

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
 import pytest
 
-from caption_cli.stopping import Stopped, exit_status, signal_name, signals_stop_like_ctrl_c, stop_signal
+from caption_cli.stopping import (
+    Stopped,
+    exit_status,
+    signal_name,
+    signals_stop_like_ctrl_c,
+    stop_signal,
+    stops_held,
+)
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals (SIGHUP, kill to oneself)")
 
 
 def _deliver(number: int) -> None:
@@ -24,13 +34,15 @@ def _deliver(number: int) -> None:
 def default_handler():
     """Each stop signal at its default for the test (a run under nohup inherits SIGHUP ignored)."""
     saved = {n: signal.signal(n, signal.SIG_DFL) for n in (signal.SIGTERM, signal.SIGHUP)}
+    saved[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     for number, handler in saved.items():
         signal.signal(number, handler)
 
 
-@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGHUP", 129)])
-def test_a_stop_signal_raises_stopped_inside_and_the_old_handler_comes_back(default_handler, name, status):
+@pytest.mark.parametrize("name, status, named", [("SIGTERM", 143, "SIGTERM"), ("SIGHUP", 129, "SIGHUP"),
+                                                 ("SIGINT", 130, "Ctrl-C")])
+def test_a_stop_signal_raises_stopped_inside_and_the_old_handler_comes_back(default_handler, name, status, named):
     number = getattr(signal, name)
     with pytest.raises(Stopped) as caught:
         with signals_stop_like_ctrl_c():
@@ -38,8 +50,23 @@ def test_a_stop_signal_raises_stopped_inside_and_the_old_handler_comes_back(defa
     stopped = caught.value
     assert isinstance(stopped, KeyboardInterrupt)  # so every Ctrl-C handler handles it too
     assert stopped.signum == number and stop_signal(stopped) == number
-    assert exit_status(stopped) == status and signal_name(number) == name and stopped.summary is None
-    assert signal.getsignal(number) == signal.SIG_DFL
+    assert exit_status(stopped) == status and signal_name(number) == named and stopped.summary is None
+    assert signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler)
+
+
+def test_a_stop_waits_for_the_end_of_a_held_block_and_carries_its_summary(default_handler):
+    done = []
+    with pytest.raises(Stopped) as caught:
+        with signals_stop_like_ctrl_c():
+            with stops_held(summary="counts"):
+                _deliver(signal.SIGTERM)
+                done.append("the rest of the block ran")
+            done.append("never: the stop is raised as the block ends")
+    assert done == ["the rest of the block ran"]
+    assert caught.value.signum == signal.SIGTERM and caught.value.summary == "counts"
+    with signals_stop_like_ctrl_c():
+        with stops_held():  # nothing held from before
+            pass
 
 
 def test_a_sighup_ignored_by_nohup_stays_ignored(default_handler):

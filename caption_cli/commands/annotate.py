@@ -407,6 +407,8 @@ def annotate(
             if ray is not None:  # cluster.annotate runs on this connection; it ends with the stack
                 try:
                     ray_module = stack.enter_context(cluster.connected(ray))
+                    # ray.init() put in its own SIGTERM handler (sys.exit): ours again, over it
+                    stack.enter_context(signals_stop_like_ctrl_c())
                     # a pool that cannot fit (--device cuda with no GPU, too few CPUs) fails here too
                     cluster.plan(ray_module.cluster_resources(), captioner.requested_device, cluster.ClusterOptions())
                 except CaptionCliError as exc:
@@ -459,7 +461,10 @@ def _report_stop(interrupt: KeyboardInterrupt, dry_run: bool) -> NoReturn:
         line += " (dry run: nothing was written)."
     else:
         line += ". What was stored stays; run the same command again to go on."
-    typer.echo(line, err=True)
+    try:
+        typer.echo(line, err=True)
+    except OSError:  # SIGHUP: the terminal is gone, and with it stderr
+        pass
     raise typer.Exit(exit_status(interrupt))
 
 
