@@ -470,18 +470,19 @@ class _Batcher:
     def _send_metadata(self, requests: list) -> None:
         if not requests:
             return
-        outcomes = self.metadata_writer.write(requests)
-        changed = []
-        for outcome in outcomes:
-            if outcome.status == "error":
-                self.summary.metadata_failed += 1
-            elif outcome.status == "written":
-                self.summary.metadata_written += 1
-                changed.append(Path(outcome.path))
-            if self.on_metadata:
-                self.on_metadata(outcome)
-        # An in-place write changes size/mtime: store the new key so resume still skips.
-        self.database.update_keys(list(_restat(changed)))
+        with stops_held(self.summary):  # photos written and their new keys in the store go together
+            outcomes = self.metadata_writer.write(requests)
+            changed = []
+            for outcome in outcomes:
+                if outcome.status == "error":
+                    self.summary.metadata_failed += 1
+                elif outcome.status == "written":
+                    self.summary.metadata_written += 1
+                    changed.append(Path(outcome.path))
+                if self.on_metadata:
+                    self.on_metadata(outcome)
+            # An in-place write changes size/mtime: store the new key so resume still skips.
+            self.database.update_keys(list(_restat(changed)))
 
 
 def _restat(paths: Iterable[Path]) -> Iterator[tuple[Path, int, float]]:

@@ -9,9 +9,10 @@ so the code that already handles Ctrl-C (finish the runs row, shut the decode wo
 print what was done) handles them all. A signal that is ignored on purpose (`nohup` ignores
 SIGHUP, a background job SIGINT) stays ignored.
 
-`stops_held()` marks a few lines that must not be cut in two, a batch's commit and its
-counting: a stop that comes meanwhile is raised when they are done, so the counts a stopped
-run reports are the rows it stored.
+`stops_held()` marks work that must not be cut in two: a batch's commit and its counting,
+photos' metadata and their new keys in the database. A stop that comes meanwhile is raised
+when the work is done, so what a stopped run reports is what it stored, and the database
+knows every photo it changed; a second stop meanwhile is raised at once.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def signals_stop_like_ctrl_c() -> Iterator[None]:
 
 def _stop(signum: int, frame: Any) -> None:
     global _held
-    if _holding:
+    if _holding and _held is None:  # the first stop waits; a second one (the user insists) does not
         _held = signum
         return
     raise Stopped(signum)
@@ -91,8 +92,9 @@ def _stop(signum: int, frame: Any) -> None:
 @contextmanager
 def stops_held(summary: Any = None) -> Iterator[None]:
     """Hold a stop signal (one handled by signals_stop_like_ctrl_c) until the block is done,
-    then raise Stopped(signum, summary). For work that must not be cut in two: a batch's
-    commit and its counting, the runs row's last update. Used in the main thread."""
+    then raise Stopped(signum, summary); a second signal meanwhile is raised at once. For
+    work that must not be cut in two: a batch's commit and its counting, metadata writes and
+    the new keys they give, the runs row's last update. Used in the main thread."""
     global _holding, _held
     if threading.current_thread() is not threading.main_thread():  # signals only ever reach the main thread
         yield

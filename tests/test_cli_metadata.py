@@ -195,3 +195,34 @@ def test_captions_below_min_confidence_are_held_back_and_counted(tmp_path: Path,
         assert held["cat.png"] == f"confidence 0.49 is below --min-confidence {float(minimum or 0.5):.2f}"
     if "boat.webp" in held:
         assert held["boat.webp"].startswith("caption has no confidence")
+
+
+def test_a_stop_leaves_whole_files_says_how_far_it_got_and_a_rerun_goes_on(library, monkeypatch) -> None:
+    import signal
+
+    from caption_cli import metadata
+    from caption_cli.commands import metadata as command
+    from caption_cli.stopping import Stopped
+
+    photos, db = library
+    monkeypatch.setattr(command, "CHUNK", 1)  # one photo per writer call
+    real_write = metadata.MetadataWriter.write
+    calls = []
+
+    def stopped_in_the_second_call(self, requests):
+        calls.append(len(requests))
+        if len(calls) == 2:
+            raise Stopped(signal.SIGTERM)  # what the handler raises when SIGTERM comes mid-write
+        return real_write(self, requests)
+
+    monkeypatch.setattr(metadata.MetadataWriter, "write", stopped_in_the_second_call)
+    result = invoke("--db", db)
+    assert result.exit_code == 143, result.output
+    assert ("Stopped by SIGTERM after 1 file(s): 1 written, 0 unchanged, 0 skipped, 0 held back, 0 failed."
+            in result.stderr)
+    assert sorted(p.name for p in photos.rglob("*.xmp")) == ["cat.png.xmp"]
+
+    monkeypatch.setattr(metadata.MetadataWriter, "write", real_write)
+    again = invoke("--db", db)
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith("Metadata (sidecar): 2 written, 1 unchanged, 0 skipped")

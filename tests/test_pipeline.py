@@ -376,6 +376,31 @@ def test_metadata_writer_gets_each_batch_and_resume_still_skips(tmp_path: Path, 
     assert (again.captioned, again.skipped) == (0, 4)  # the new mtimes were stored
 
 
+class SignalledMetadataWriter(FakeMetadataWriter):
+    """SIGTERM arrives while the second batch's photos are being written."""
+
+    def write(self, requests):
+        outcomes = super().write(requests)
+        if len(self.calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs in here, mid-write, and holds the stop
+        return outcomes
+
+
+def test_a_stop_during_metadata_writes_waits_until_the_new_keys_are_stored(tmp_path: Path, store: Store):
+    pytest.importorskip("caption_cli.metadata")
+    make_photos(tmp_path, 6)
+    writer = SignalledMetadataWriter(fail=set())
+    with signals_stop_like_ctrl_c(), pytest.raises(Stopped) as caught:
+        annotate([tmp_path], FakeCaptioner(), store, options(batch_size=2), metadata_writer=writer)
+    summary = caught.value.summary
+    assert caught.value.signum == signal.SIGTERM
+    assert (summary.captioned, summary.metadata_written) == (4, 4)
+    # the four photos written carry their new mtime in the store: the next run skips them
+    again = annotate([tmp_path], FakeCaptioner(), store, options(batch_size=2))
+    assert (again.captioned, again.skipped) == (2, 4)
+
+
 def test_write_metadata_on_a_second_run_writes_the_skipped_files(tmp_path: Path, store: Store):
     """Captioned first, --write-metadata later: the stored captions go into the files;
     a file whose write failed is tried again by the next run."""

@@ -69,6 +69,18 @@ def test_a_stop_waits_for_the_end_of_a_held_block_and_carries_its_summary(defaul
             pass
 
 
+def test_a_second_stop_while_one_is_held_is_raised_at_once(default_handler):
+    done = []
+    with pytest.raises(Stopped) as caught:
+        with signals_stop_like_ctrl_c():
+            with stops_held(summary="counts"):
+                _deliver(signal.SIGTERM)  # held
+                done.append("held")
+                _deliver(signal.SIGINT)  # the user insists: raised here
+                done.append("never")
+    assert done == ["held"] and caught.value.summary == "counts"  # the block's end re-raises with its summary
+
+
 def test_a_sighup_ignored_by_nohup_stays_ignored(default_handler):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with signals_stop_like_ctrl_c():

@@ -438,7 +438,7 @@ def annotate(
             except CaptionCliError as exc:
                 _fail(str(exc))
     except KeyboardInterrupt as interrupt:  # Ctrl-C, SIGTERM or SIGHUP: what was stored stays
-        _report_stop(interrupt, dry_run)
+        _report_stop(interrupt, dry_run, metadata=write_metadata is not None)
     typer.echo(_summary_line(summary, captioner.device, write_metadata is not None, min_confidence, dry_run),
                err=as_json)
     kept = summary.skipped + summary.reused
@@ -449,7 +449,7 @@ def annotate(
         raise typer.Exit(1)
 
 
-def _report_stop(interrupt: KeyboardInterrupt, dry_run: bool) -> NoReturn:
+def _report_stop(interrupt: KeyboardInterrupt, dry_run: bool, metadata: bool = False) -> NoReturn:
     """How far a stopped run got, in one line, then exit 128 + the signal's number (130 for
     Ctrl-C). Every batch stored before the stop stays; the next run skips those files."""
     summary = getattr(interrupt, "summary", None)
@@ -457,15 +457,22 @@ def _report_stop(interrupt: KeyboardInterrupt, dry_run: bool) -> NoReturn:
     if summary is not None:
         line += (f" after {summary.seconds:.1f} s: captioned {summary.captioned}, reused {summary.reused}, "
                  f"skipped {summary.skipped}, failed {summary.failed}")
+        if metadata:
+            line += f"; metadata written {summary.metadata_written}, failed {summary.metadata_failed}"
     if dry_run:
         line += " (dry run: nothing was written)."
     else:
         line += ". What was stored stays; run the same command again to go on."
+    _tell_stop(line)
+    raise typer.Exit(exit_status(interrupt))
+
+
+def _tell_stop(line: str) -> None:
+    """A stopped command's last line, on stderr; after a SIGHUP the terminal may be gone."""
     try:
         typer.echo(line, err=True)
-    except OSError:  # SIGHUP: the terminal is gone, and with it stderr
+    except OSError:
         pass
-    raise typer.Exit(exit_status(interrupt))
 
 
 def _summary_line(summary: Any, device: str, metadata: bool, min_confidence: float, dry_run: bool) -> str:

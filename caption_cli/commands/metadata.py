@@ -13,9 +13,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from caption_cli.commands.annotate import MinConfidenceOption
+from caption_cli.commands.annotate import MinConfidenceOption, _tell_stop
 from caption_cli.confidence import DEFAULT_MIN_CONFIDENCE, held_back_message, split_by_confidence
 from caption_cli.errors import CaptionCliError
+from caption_cli.stopping import exit_status, signal_name, signals_stop_like_ctrl_c, stop_signal, stops_held
 from caption_cli.store import DB_ENV, DEFAULT_DB
 
 CHUNK = 64  # requests per writer call: steady progress, bounded memory
@@ -76,7 +77,7 @@ def write_metadata(
                     typer.echo(f"{outcome.path}: {outcome.message}", err=True)
 
     try:
-        with Store(db) as store, MetadataWriter(
+        with signals_stop_like_ctrl_c(), Store(db) as store, MetadataWriter(  # SIGTERM/SIGHUP stop as Ctrl-C does
             mode=mode.value, overwrite=overwrite, sidecar_name=sidecar_name.value, dry_run=dry_run
         ) as writer, _progress(err) as progress:
             rows, unknown = _select(store, paths or [])
@@ -87,14 +88,23 @@ def write_metadata(
                             for row in held)
             task = progress.add_task("Metadata", total=len(rows))
             for chunk in _chunks(rows, CHUNK):
-                done = writer.write([_request(row) for row in chunk])
-                if not dry_run:  # the file's new size/mtime, so annotate's resume still skips it
-                    store.update_keys(list(_restat(o.path for o in done if o.status == "written")))
-                tell(done)
+                with stops_held():  # a stop waits for the chunk: photos written, their new keys and counts go together
+                    done = writer.write([_request(row) for row in chunk])
+                    if not dry_run:  # the file's new size/mtime, so annotate's resume still skips it
+                        store.update_keys(list(_restat(o.path for o in done if o.status == "written")))
+                    tell(done)
                 progress.advance(task, len(chunk))
     except CaptionCliError as error:
         err.print(f"[red]error:[/] {error}", markup=True, highlight=False)
         raise typer.Exit(1) from error
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, SIGTERM or SIGHUP: every file is whole, written or not
+        counts = Counter(outcome.status for outcome in outcomes)
+        written = "would write" if dry_run else "written"
+        _tell_stop(f"Stopped by {signal_name(stop_signal(interrupt))} after {len(outcomes)} file(s): "
+                   f"{counts['written']} {written}, {counts['unchanged']} unchanged, {counts['skipped']} skipped, "
+                   f"{counts[HELD_BACK]} held back, {counts['error']} failed. Each photo has either its old or its "
+                   f"new metadata; run the same command again to go on.")
+        raise typer.Exit(exit_status(interrupt)) from None
 
     counts = Counter(outcome.status for outcome in outcomes)
     if as_json:
