@@ -17,7 +17,9 @@ knows every photo it changed; a second stop meanwhile is raised at once.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +29,7 @@ STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 
 _holding = 0  # stops_held() blocks entered and not yet left (main thread only)
 _held: int | None = None  # a stop signal that came while holding
+_reported: int | None = None  # the signal a command reported stopping for (exit_status)
 
 
 class Stopped(KeyboardInterrupt):
@@ -55,8 +58,33 @@ def stop_signal(interrupt: KeyboardInterrupt) -> int:
 
 
 def exit_status(interrupt: KeyboardInterrupt) -> int:
-    """The shell's convention for a process stopped by a signal: 128 + its number (130 for Ctrl-C)."""
-    return 128 + int(stop_signal(interrupt))
+    """The shell's convention for a process stopped by a signal: 128 + its number (130 for
+    Ctrl-C). Also remembers the signal, so that end_like_the_signal() can end the process
+    with it once the command has cleaned up."""
+    global _reported
+    _reported = int(stop_signal(interrupt))
+    return 128 + _reported
+
+
+def end_like_the_signal() -> None:
+    """If a command reported a stop by a signal, end this process by that signal, as its
+    default action would have, instead of with exit status 128 + n. A shell tells the two
+    apart: bash ends a script's loop when a command in it dies of SIGINT, but runs on after
+    one that merely exited 130; a service manager counts a death by SIGTERM as a clean stop.
+    Called by the `caption-cli` entry point after everything is cleaned up (not by tests
+    that run commands in their own process)."""
+    global _reported
+    signum, _reported = _reported, None
+    if signum is None or not hasattr(signal, "pthread_sigmask"):  # nothing to do, or not POSIX
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a terminal that is gone, a closed stream
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
 
 
 @contextmanager

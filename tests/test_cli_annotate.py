@@ -508,8 +508,8 @@ LAUNCHER = textwrap.dedent(
 
     commands.load_captioner = load_captioner
     if __name__ == "__main__":  # the decoder workers are spawned: they must not run the CLI
-        from caption_cli.cli import app
-        app(prog_name="caption-cli")
+        from caption_cli.cli import main
+        main(prog_name="caption-cli")
     """
 )
 
@@ -561,9 +561,9 @@ def test_sigkill_then_resume_captions_every_image_exactly_once(launcher: Path, t
     assert rows(db, "select count(*) from runs where finished_at is null") == [(1,)]  # the killed one
 
 
-@pytest.mark.parametrize("signum, status, named", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+@pytest.mark.parametrize("signum, named", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
 def test_a_stop_signal_ends_the_run_cleanly_and_the_next_run_goes_on(launcher: Path, tmp_path: Path, db: Path,
-                                                                     signum: int, status: int, named: str):
+                                                                     signum: int, named: str):
     expected = make_photos(tmp_path / "photos", 24)
     args = [sys.executable, str(launcher), "annotate", str(tmp_path / "photos"), "--db", str(db),
             "--batch-size", "2", "--workers", "1"]
@@ -580,7 +580,8 @@ def test_a_stop_signal_ends_the_run_cleanly_and_the_next_run_goes_on(launcher: P
         if process.poll() is None:
             process.kill()
     done = _count_ok(db)
-    assert process.returncode == status, err
+    # after cleaning up, the process ends by the signal itself, so a shell's loop stops too
+    assert process.returncode == -signum, err
     assert 4 <= done < 24 and "Traceback" not in err
     assert f"Stopped by {named} after " in err and f"captioned {done}, reused 0, skipped 0, failed 0." in err
     assert "run the same command again to go on" in err
