@@ -8,8 +8,8 @@ rows, metadata and the store behave exactly as in `caption-cli annotate`.
   `settle` seconds, so a photo being copied is read once, after it is complete. (A
   copy that stalls for longer is read early; its next change brings it back, and
   resume sees the new size.)
-- A full rescan at start (what arrived while nobody watched) and every `rescan`
-  seconds: events are not delivered on many network mounts, and a rescan is cheap
+- A full rescan at start (what arrived while nobody watched; the watcher is already
+  running, so nothing that arrives during it is missed) and every `rescan` seconds: events are not delivered on many network mounts, and a rescan is cheap
   because annotate skips what is stored. --poll makes the watcher poll instead.
 - A burst (10,000 files dropped at once) is held as one dict of pending paths and
   captioned in batches of at most `max_batch` files.
@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +174,6 @@ def watch(
         if on_batch:
             on_batch(summary, full)
 
-    run(folders, full=True)  # what arrived while nobody watched
-    last_scan = time.monotonic()
     settler = Settler(watch_options.settle)
     gone: set[Path] = set()
     changes_iter = watchfiles.watch(
@@ -189,7 +188,13 @@ def watch(
         recursive=options.recursive,
         ignore_permission_denied=True,
     )
-    for changes in changes_iter:
+    # The watcher starts with the generator's first step (at most a tick): take it before the
+    # catch-up scan, so a photo that arrives during the scan or just after it is seen now,
+    # not at the next rescan. Its events wait in the watcher while the scan runs.
+    first = next(changes_iter, set())
+    run(folders, full=True)  # what arrived while nobody watched
+    last_scan = time.monotonic()
+    for changes in chain([first], changes_iter):
         for change, raw in changes:
             path = Path(raw)
             if change == Change.deleted:

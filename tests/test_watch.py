@@ -116,6 +116,34 @@ def test_catch_up_then_new_changed_and_deleted_photos(tmp_path: Path):
     assert watching.totals.missing == 1 and watching.totals.ok
 
 
+def test_a_photo_that_arrives_as_the_catch_up_scan_ends_is_not_left_for_a_rescan(tmp_path: Path):
+    root, db = tmp_path / "photos", tmp_path / "captions.db"
+    make_photos(root, 2)
+    late = root / "late.png"
+    stop, errors = threading.Event(), []
+
+    def arrives_after_the_scan(summary, full: bool) -> None:
+        if full and not late.exists():
+            unique_png(late, 7)  # the moment the catch-up scan is stored
+
+    def run() -> None:
+        try:
+            with Store(db) as store:  # FAST: no rescans, so only the watcher can find it
+                watch([root], FakeCaptioner(), store, AnnotateOptions(workers=0), FAST, stop=stop,
+                      on_batch=arrives_after_the_scan)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: str(late) in rows(db) or bool(errors), timeout=20.0)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert errors == [] and rows(db)[str(late)]["status"] == "ok"
+
+
 def test_a_photo_being_copied_is_captioned_once_when_complete(tmp_path: Path):
     root, db = tmp_path / "photos", tmp_path / "captions.db"
     root.mkdir()
