@@ -9,8 +9,9 @@ rows, metadata and the store behave exactly as in `caption-cli annotate`.
   copy that stalls for longer is read early; its next change brings it back, and
   resume sees the new size.)
 - A full rescan at start (what arrived while nobody watched; the watcher is already
-  running, so nothing that arrives during it is missed) and every `rescan` seconds: events are not delivered on many network mounts, and a rescan is cheap
-  because annotate skips what is stored. --poll makes the watcher poll instead.
+  running, so nothing that arrives during it is missed) and every `rescan` seconds:
+  events are not delivered on many network mounts, and a rescan is cheap because
+  annotate skips what is stored. --poll makes the watcher poll instead.
 - A burst (10,000 files dropped at once) is held as one dict of pending paths and
   captioned in batches of at most `max_batch` files.
 """
