@@ -23,8 +23,9 @@ for area in (annotate, watch, metadata, report, prune, training, calibrate):
 def main(prog_name: str | None = None) -> None:
     """The `caption-cli` command. A run stopped by Ctrl-C, SIGTERM or SIGHUP ends by that
     signal once it has cleaned up (caption_cli.stopping.end_like_the_signal)."""
-    from caption_cli.stopping import end_like_the_signal
+    from caption_cli.stopping import end_like_the_signal, forget_reported_stop
 
+    forget_reported_stop()
     try:
         app(prog_name=prog_name)
     finally:

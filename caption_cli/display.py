@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import os
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 # Control characters shown the way Python and `ls -b` show them; others as \xNN / \uNNNN.
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -53,3 +56,23 @@ def _escape(ch: str) -> str:
         return ch
     code = ord(ch)
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+@contextmanager
+def showing(progress: Any) -> Iterator[Any]:
+    """A rich Progress, started and stopped. A terminal that is gone by the end (SIGHUP:
+    the user closed it) is no error: stopping the bar would fail to draw its last frame,
+    and that failure must not replace how the command really ended."""
+    progress.start()
+    try:
+        yield progress
+    finally:
+        stop_quietly(progress)
+
+
+def stop_quietly(progress: Any) -> None:
+    """progress.stop(), ignoring a terminal that is gone (see showing)."""
+    try:
+        progress.stop()
+    except OSError:
+        pass

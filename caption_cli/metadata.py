@@ -31,6 +31,7 @@ import os
 import shutil
 import stat
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,10 @@ class _ExifTool:
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, warnings.catch_warnings():
+            # an exiftool that a Ctrl-C or hang-up to the whole process group ended first
+            # is no news: PyExifTool would warn that it "died"
+            warnings.simplefilter("ignore")
             if self._process.running:
                 self._process.terminate()
 

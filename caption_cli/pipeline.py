@@ -470,19 +470,17 @@ class _Batcher:
     def _send_metadata(self, requests: list) -> None:
         if not requests:
             return
-        with stops_held(self.summary):  # photos written and their new keys in the store go together
-            outcomes = self.metadata_writer.write(requests)
-            changed = []
-            for outcome in outcomes:
-                if outcome.status == "error":
-                    self.summary.metadata_failed += 1
-                elif outcome.status == "written":
-                    self.summary.metadata_written += 1
-                    changed.append(Path(outcome.path))
-                if self.on_metadata:
+        for request in requests:
+            with stops_held(self.summary):  # a photo written and its new key in the store go together
+                outcomes = self.metadata_writer.write([request])
+                changed = [Path(o.path) for o in outcomes if o.status == "written"]
+                if changed:  # an in-place write changes size/mtime: store the new key so resume still skips
+                    self.database.update_keys(list(_restat(changed)))
+                self.summary.metadata_written += len(changed)
+                self.summary.metadata_failed += sum(o.status == "error" for o in outcomes)
+            if self.on_metadata:
+                for outcome in outcomes:
                     self.on_metadata(outcome)
-            # An in-place write changes size/mtime: store the new key so resume still skips.
-            self.database.update_keys(list(_restat(changed)))
 
 
 def _restat(paths: Iterable[Path]) -> Iterator[tuple[Path, int, float]]:

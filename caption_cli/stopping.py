@@ -10,9 +10,11 @@ print what was done) handles them all. A signal that is ignored on purpose (`noh
 SIGHUP, a background job SIGINT) stays ignored.
 
 `stops_held()` marks work that must not be cut in two: a batch's commit and its counting,
-photos' metadata and their new keys in the database. A stop that comes meanwhile is raised
+a photo's metadata and its new key in the database. A stop that comes meanwhile is raised
 when the work is done, so what a stopped run reports is what it stored, and the database
-knows every photo it changed; a second stop meanwhile is raised at once.
+knows every photo it changed. A second stop meanwhile is raised at once, and so is the
+first after HOLD_LIMIT seconds: work that hangs (an exiftool that the same Ctrl-C killed,
+a full pipe) must not keep the process from stopping, and `docker stop` kills after 10 s.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+HOLD_LIMIT = 5.0  # seconds a stop waits for held work before it is raised anyway
 
 _holding = 0  # stops_held() blocks entered and not yet left (main thread only)
 _held: int | None = None  # a stop signal that came while holding
@@ -66,6 +69,13 @@ def exit_status(interrupt: KeyboardInterrupt) -> int:
     return 128 + _reported
 
 
+def forget_reported_stop() -> None:
+    """Start a command with no stop reported (exit_status), so end_like_the_signal acts
+    only on this one's."""
+    global _reported
+    _reported = None
+
+
 def end_like_the_signal() -> None:
     """If a command reported a stop by a signal, end this process by that signal, as its
     default action would have, instead of with exit status 128 + n. A shell tells the two
@@ -102,9 +112,13 @@ def signals_stop_like_ctrl_c() -> Iterator[None]:
         if number is None or signal.getsignal(number) == signal.SIG_IGN:  # nohup ignores SIGHUP: keep it so
             continue
         previous[number] = signal.signal(number, _stop)
+    if previous and hasattr(signal, "setitimer"):  # the limit on a held stop (POSIX)
+        previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, _held_too_long)
     try:
         yield
     finally:
+        if hasattr(signal, "SIGALRM") and signal.SIGALRM in previous:
+            _set_limit(0)
         for number, handler in previous.items():
             signal.signal(number, handler)
 
@@ -113,16 +127,31 @@ def _stop(signum: int, frame: Any) -> None:
     global _held
     if _holding and _held is None:  # the first stop waits; a second one (the user insists) does not
         _held = signum
+        _set_limit(HOLD_LIMIT)
         return
     raise Stopped(signum)
+
+
+def _held_too_long(signum: int, frame: Any) -> None:
+    global _held
+    if _held is not None:
+        held, _held = _held, None
+        raise Stopped(held)
+
+
+def _set_limit(seconds: float) -> None:
+    if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+        signal.setitimer(signal.ITIMER_REAL, seconds)
 
 
 @contextmanager
 def stops_held(summary: Any = None) -> Iterator[None]:
     """Hold a stop signal (one handled by signals_stop_like_ctrl_c) until the block is done,
-    then raise Stopped(signum, summary); a second signal meanwhile is raised at once. For
-    work that must not be cut in two: a batch's commit and its counting, metadata writes and
-    the new keys they give, the runs row's last update. Used in the main thread."""
+    then raise Stopped(signum, summary). A second signal meanwhile is raised at once, the
+    first after HOLD_LIMIT seconds. For work that must not be cut in two: a batch's commit
+    and its counting, a photo's metadata and its new key, the runs row's last update. An
+    error in the block goes on as it is (a held stop is then dropped: the command is ending
+    anyway). Used in the main thread."""
     global _holding, _held
     if threading.current_thread() is not threading.main_thread():  # signals only ever reach the main thread
         yield
@@ -130,8 +159,14 @@ def stops_held(summary: Any = None) -> Iterator[None]:
     _holding += 1
     try:
         yield
-    finally:
+    except BaseException:
         _holding -= 1
         if not _holding and _held is not None:
-            signum, _held = _held, None
-            raise Stopped(signum, summary)
+            _held = None
+            _set_limit(0)
+        raise
+    _holding -= 1
+    if not _holding and _held is not None:
+        signum, _held = _held, None
+        _set_limit(0)
+        raise Stopped(signum, summary)

@@ -197,32 +197,36 @@ def test_captions_below_min_confidence_are_held_back_and_counted(tmp_path: Path,
         assert held["boat.webp"].startswith("caption has no confidence")
 
 
-def test_a_stop_leaves_whole_files_says_how_far_it_got_and_a_rerun_goes_on(library, monkeypatch) -> None:
+def test_a_stop_waits_for_the_photo_in_hand_says_how_far_it_got_and_a_rerun_goes_on(library, monkeypatch) -> None:
     import signal
+    import time
 
     from caption_cli import metadata
-    from caption_cli.commands import metadata as command
-    from caption_cli.stopping import Stopped
 
     photos, db = library
-    monkeypatch.setattr(command, "CHUNK", 1)  # one photo per writer call
     real_write = metadata.MetadataWriter.write
     calls = []
 
-    def stopped_in_the_second_call(self, requests):
+    def sigterm_during_the_second_photo(self, requests):
+        done = real_write(self, requests)  # the photo is rewritten in place...
         calls.append(len(requests))
         if len(calls) == 2:
-            raise Stopped(signal.SIGTERM)  # what the handler raises when SIGTERM comes mid-write
-        return real_write(self, requests)
+            os.kill(os.getpid(), signal.SIGTERM)  # ...and a stop comes before its new key is stored
+            time.sleep(0.05)
+        return done
 
-    monkeypatch.setattr(metadata.MetadataWriter, "write", stopped_in_the_second_call)
-    result = invoke("--db", db)
+    monkeypatch.setattr(metadata.MetadataWriter, "write", sigterm_during_the_second_photo)
+    result = invoke("--db", db, "--mode", "in-place")
     assert result.exit_code == 143, result.output
-    assert ("Stopped by SIGTERM after 1 file(s): 1 written, 0 unchanged, 0 skipped, 0 held back, 0 failed."
+    assert ("Stopped by SIGTERM after 2 file(s): 2 written, 0 unchanged, 0 skipped, 0 held back, 0 failed."
             in result.stderr)
-    assert sorted(p.name for p in photos.rglob("*.xmp")) == ["cat.png.xmp"]
+    with Store(db) as store:  # both rewritten photos have their new size and mtime in the database
+        keys = {Path(row["path"]).name: (row["size"], row["mtime"]) for row in store.iter_images(status="ok")}
+    for name in ("cat.png", "dog.jpg"):
+        info = (photos / name).stat()
+        assert keys[name] == (info.st_size, info.st_mtime), name
 
     monkeypatch.setattr(metadata.MetadataWriter, "write", real_write)
-    again = invoke("--db", db)
+    again = invoke("--db", db, "--mode", "in-place")
     assert again.exit_code == 0, again.output
-    assert again.stdout.startswith("Metadata (sidecar): 2 written, 1 unchanged, 0 skipped")
+    assert again.stdout.startswith("Metadata (in-place): 1 written, 2 unchanged, 0 skipped")

@@ -377,11 +377,11 @@ def test_metadata_writer_gets_each_batch_and_resume_still_skips(tmp_path: Path, 
 
 
 class SignalledMetadataWriter(FakeMetadataWriter):
-    """SIGTERM arrives while the second batch's photos are being written."""
+    """SIGTERM arrives while the first photo of the second batch is being written."""
 
     def write(self, requests):
         outcomes = super().write(requests)
-        if len(self.calls) == 2:
+        if len(self.calls) == 3:  # one call per photo
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)  # the handler runs in here, mid-write, and holds the stop
         return outcomes
@@ -395,8 +395,8 @@ def test_a_stop_during_metadata_writes_waits_until_the_new_keys_are_stored(tmp_p
         annotate([tmp_path], FakeCaptioner(), store, options(batch_size=2), metadata_writer=writer)
     summary = caught.value.summary
     assert caught.value.signum == signal.SIGTERM
-    assert (summary.captioned, summary.metadata_written) == (4, 4)
-    # the four photos written carry their new mtime in the store: the next run skips them
+    assert (summary.captioned, summary.metadata_written) == (4, 3)  # it stopped after the photo in hand
+    # the three photos written carry their new mtime in the store: the next run skips them
     again = annotate([tmp_path], FakeCaptioner(), store, options(batch_size=2))
     assert (again.captioned, again.skipped) == (2, 4)
 

@@ -78,7 +78,29 @@ def test_a_second_stop_while_one_is_held_is_raised_at_once(default_handler):
                 done.append("held")
                 _deliver(signal.SIGINT)  # the user insists: raised here
                 done.append("never")
-    assert done == ["held"] and caught.value.summary == "counts"  # the block's end re-raises with its summary
+    assert done == ["held"] and caught.value.signum == signal.SIGINT  # the second one, at once
+
+
+def test_a_held_stop_is_raised_anyway_after_the_hold_limit(default_handler, monkeypatch):
+    monkeypatch.setattr("caption_cli.stopping.HOLD_LIMIT", 0.2)
+    started = time.monotonic()
+    with pytest.raises(Stopped) as caught:
+        with signals_stop_like_ctrl_c():
+            with stops_held(summary="counts"):
+                _deliver(signal.SIGTERM)
+                while time.monotonic() - started < 5:  # held work that hangs (a dead exiftool's pipe)
+                    time.sleep(0.01)
+    assert caught.value.signum == signal.SIGTERM and time.monotonic() - started < 2
+
+
+def test_an_error_in_held_work_is_not_hidden_by_the_held_stop(default_handler):
+    with signals_stop_like_ctrl_c():
+        with pytest.raises(ValueError, match="disk full"):
+            with stops_held():
+                _deliver(signal.SIGTERM)
+                raise ValueError("disk full")
+        with stops_held():  # the dropped stop does not come back later
+            time.sleep(0.05)
 
 
 def test_a_sighup_ignored_by_nohup_stays_ignored(default_handler):

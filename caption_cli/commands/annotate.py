@@ -32,7 +32,7 @@ from rich.progress import (
 from rich.text import Text
 
 from caption_cli.confidence import DEFAULT_MIN_CONFIDENCE
-from caption_cli.display import display_text
+from caption_cli.display import display_text, stop_quietly
 from caption_cli.errors import BundleError, CaptionCliError
 from caption_cli.results import CaptionResult
 from caption_cli.stopping import exit_status, signal_name, signals_stop_like_ctrl_c, stop_signal
@@ -256,7 +256,7 @@ class _Reporter:
             # the last frame shows what was done, also when the count has not finished
             done = self.progress.tasks[0].completed
             self.progress.update(self.task, total=max(done, self.progress.tasks[0].total or 0))
-            self.progress.stop()
+            stop_quietly(self.progress)  # after a SIGHUP the terminal may be gone
 
     def set_total(self, total: int) -> None:
         """The number of files to expect, once the background count knows it."""

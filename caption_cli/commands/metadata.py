@@ -15,11 +15,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from caption_cli.commands.annotate import MinConfidenceOption, _tell_stop
 from caption_cli.confidence import DEFAULT_MIN_CONFIDENCE, held_back_message, split_by_confidence
+from caption_cli.display import showing
 from caption_cli.errors import CaptionCliError
 from caption_cli.stopping import exit_status, signal_name, signals_stop_like_ctrl_c, stop_signal, stops_held
 from caption_cli.store import DB_ENV, DEFAULT_DB
 
-CHUNK = 64  # requests per writer call: steady progress, bounded memory
 HELD_BACK = "held-back"  # a caption below --min-confidence: counted, never written
 
 
@@ -79,7 +79,7 @@ def write_metadata(
     try:
         with signals_stop_like_ctrl_c(), Store(db) as store, MetadataWriter(  # SIGTERM/SIGHUP stop as Ctrl-C does
             mode=mode.value, overwrite=overwrite, sidecar_name=sidecar_name.value, dry_run=dry_run
-        ) as writer, _progress(err) as progress:
+        ) as writer, showing(_progress(err)) as progress:
             rows, unknown = _select(store, paths or [])
             tell([MetadataOutcome(p, "error", "no caption in the database; run annotate first") for p in unknown])
             rows, held = split_by_confidence(rows, min_confidence)  # no metadata beats wrong metadata
@@ -87,13 +87,14 @@ def write_metadata(
                                             held_back_message(row.get("confidence"), min_confidence))
                             for row in held)
             task = progress.add_task("Metadata", total=len(rows))
-            for chunk in _chunks(rows, CHUNK):
-                with stops_held():  # a stop waits for the chunk: photos written, their new keys and counts go together
-                    done = writer.write([_request(row) for row in chunk])
-                    if not dry_run:  # the file's new size/mtime, so annotate's resume still skips it
-                        store.update_keys(list(_restat(o.path for o in done if o.status == "written")))
+            for row in rows:
+                with stops_held():  # a stop waits for the photo in hand: written, its new key stored, counted
+                    done = writer.write([_request(row)])
+                    written = [outcome.path for outcome in done if outcome.status == "written"]
+                    if written and not dry_run:  # the file's new size/mtime, so annotate's resume still skips it
+                        store.update_keys(list(_restat(written)))
                     tell(done)
-                progress.advance(task, len(chunk))
+                progress.advance(task)
     except CaptionCliError as error:
         err.print(f"[red]error:[/] {error}", markup=True, highlight=False)
         raise typer.Exit(1) from error
@@ -159,11 +160,6 @@ def _request(row: dict):
     # so annotate --write-metadata and write-metadata mark files the same way.
     model_name = (row.get("model_id") or "unknown").rsplit("@", 1)[0]
     return MetadataRequest(Path(row["path"]), row["caption"], model_name, row["size"], row["mtime"])
-
-
-def _chunks(rows: list[dict], size: int) -> Iterator[list[dict]]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
 
 
 def _restat(paths) -> Iterator[tuple[Path, int, float]]:
