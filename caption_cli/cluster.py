@@ -359,8 +359,7 @@ def _run(ray: Any, roots: list[Path | str], captioner: RemoteCaptioner, store: S
             for results in _caption_chunk(ray, chunk, captioner, options, cluster, shape, stages):
                 with stops_held(run.summary):  # a stop waits until the rows are stored and counted
                     store.write_batch(results, model_id, run.run_id)
-                    for result in results:
-                        run.result(result)
+                    run.results(results)
         run.mark_missing_under(roots, options)
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM/SIGHUP (caption_cli.stopping)
         raise Stopped(stop_signal(interrupt), run.summary) from interrupt

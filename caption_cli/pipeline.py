@@ -153,14 +153,21 @@ class RunRecorder:
 
     def result(self, result: CaptionResult) -> None:
         """Count a captioned, reused or failed file (after its batch is stored) and report it."""
-        if result.reused:
-            self.summary.reused += 1
-        elif result.status == "ok":
-            self.summary.captioned += 1
-        else:
-            self.summary.failed += 1
+        self.results([result])
+
+    def results(self, results: Sequence[CaptionResult]) -> None:
+        """Count a stored batch's files, then report each: a report that fails (stdout piped
+        into a `head` that has quit) cannot leave the counts short of what was stored."""
+        for result in results:
+            if result.reused:
+                self.summary.reused += 1
+            elif result.status == "ok":
+                self.summary.captioned += 1
+            else:
+                self.summary.failed += 1
         if self.on_result:
-            self.on_result(result)
+            for result in results:
+                self.on_result(result)
 
     def skipped(self, path: Path) -> None:
         """Count and report a file the store already has."""
@@ -225,7 +232,7 @@ def annotate(
     if options.reuse and not options.force and hasattr(store, "hash_lookup"):
         known = store.hash_lookup(model_id)
     size = captioner.bundle.image_size
-    batcher = _Batcher(captioner, store, model_id, run.run_id, run.result, metadata_writer, run.summary,
+    batcher = _Batcher(captioner, store, model_id, run.run_id, run.results, metadata_writer, run.summary,
                        on_metadata, options.min_confidence, size, reusing=known is not None)
     try:
         todo = files_to_caption(roots, store, model_id, options, run)
@@ -352,7 +359,7 @@ class _Batcher:
         store: StoreLike,
         model_id: str,
         run_id: int,
-        report: ResultHandler,
+        report: Callable[[Sequence[CaptionResult]], None],
         metadata_writer: Any | None,
         summary: Summary,
         on_metadata: MetadataHandler | None,
@@ -442,8 +449,7 @@ class _Batcher:
                 results.append(result)
         with stops_held(self.summary):  # a stop waits until the rows are stored and counted
             self.database.write_batch(results, self.model_id, self.run_id)
-            for result in results:
-                self.report(result)
+            self.report(results)
         if self.metadata_writer is not None:
             self._write_metadata([r for r in results if r.status == "ok"])
 

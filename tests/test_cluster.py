@@ -269,7 +269,7 @@ def test_an_interrupted_run_resumes_with_only_what_is_missing(local_ray, tmp_pat
         stored = {path: row for path, row in rows(store).items()}
         done = sum(row[0] == "ok" for row in stored.values())
         assert len(stored) >= 5 and first["finished_at"]  # batches written before the stop are kept
-        assert first["captioned"] + first["failed"] == 5
+        assert first["captioned"] + first["failed"] == len(stored)  # counted: every row stored, reported or not
 
         resumed = cluster.annotate([photos], cluster.RemoteCaptioner(bundle), store, options())
 

@@ -286,6 +286,21 @@ def test_a_stop_during_a_commit_waits_until_the_batch_is_stored_and_counted(tmp_
     assert store.db.execute("select captioned, finished_at is not null from runs").fetchall() == [(6, 1)]
 
 
+def test_a_report_that_fails_cannot_leave_the_run_counts_short_of_the_stored_rows(tmp_path: Path, store: Store):
+    make_photos(tmp_path, 6)
+    reported = []
+
+    def into_a_closed_pipe(result: CaptionResult) -> None:  # `caption-cli annotate --json | head -1`
+        reported.append(result)
+        if len(reported) == 2:
+            raise BrokenPipeError("stdout is gone")
+
+    with pytest.raises(BrokenPipeError):
+        annotate([tmp_path], StreamingCaptioner(), store, options(batch_size=3), on_result=into_a_closed_pipe)
+    assert len(stored(store)) == 3
+    assert store.db.execute("select captioned, finished_at is not null from runs").fetchall() == [(3, 1)]
+
+
 def test_pipeline_streams_instead_of_listing_everything_first(tmp_path: Path, store: Store, monkeypatch):
     make_photos(tmp_path, 40)
     walked = []
