@@ -32,7 +32,7 @@ import shutil
 import stat
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from caption_cli.metadata_rules import (
     text_of,
 )
 from caption_cli.sidecar import SIDECAR_NAMES, sidecar_path, writes_in_place
+from caption_cli.stopping import stops_held
 
 MODES = ("sidecar", "in-place")
 STATUSES = ("written", "unchanged", "skipped", "error")
@@ -334,6 +335,31 @@ class MetadataWriter:
         if folder not in self._cleaned:
             safe_write.remove_stale_temps(folder)
             self._cleaned.add(folder)
+
+
+def write_recorded(writer: Any, request: MetadataRequest, store: Any,
+                   count: Callable[[list[MetadataOutcome]], None], *, record: bool = True) -> list[MetadataOutcome]:
+    """Write one photo's metadata, store its new size and mtime (an in-place write changes
+    them, and annotate's resume compares them) and count the outcome, as one piece that a
+    stop waits for (stopping.stops_held): the database then knows every photo rewritten,
+    and the next annotate does not caption it again. writer: a MetadataWriter (or anything
+    with its write()); store: anything with update_keys; record=False (a dry run) stores no key."""
+    with stops_held():
+        outcomes = writer.write([request])
+        written = [outcome.path for outcome in outcomes if outcome.status == "written"]
+        if written and record:
+            store.update_keys(list(_current_keys(written)))
+        count(outcomes)
+    return outcomes
+
+
+def _current_keys(paths: Iterable[Path]) -> Iterator[tuple[Path, int, float]]:
+    for path in paths:
+        try:
+            info = Path(path).stat()
+        except OSError:
+            continue
+        yield Path(path), info.st_size, info.st_mtime
 
 
 def _key_changed(request: MetadataRequest, info: os.stat_result) -> bool:

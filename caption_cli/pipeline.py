@@ -474,28 +474,17 @@ class _Batcher:
         return False
 
     def _send_metadata(self, requests: list) -> None:
-        if not requests:
-            return
+        from caption_cli.metadata import write_recorded  # only when asked for
+
+        def count(outcomes: list) -> None:
+            self.summary.metadata_written += sum(o.status == "written" for o in outcomes)
+            self.summary.metadata_failed += sum(o.status == "error" for o in outcomes)
+
         for request in requests:
-            with stops_held(self.summary):  # a photo written and its new key in the store go together
-                outcomes = self.metadata_writer.write([request])
-                changed = [Path(o.path) for o in outcomes if o.status == "written"]
-                if changed:  # an in-place write changes size/mtime: store the new key so resume still skips
-                    self.database.update_keys(list(_restat(changed)))
-                self.summary.metadata_written += len(changed)
-                self.summary.metadata_failed += sum(o.status == "error" for o in outcomes)
+            outcomes = write_recorded(self.metadata_writer, request, self.database, count)
             if self.on_metadata:
                 for outcome in outcomes:
                     self.on_metadata(outcome)
-
-
-def _restat(paths: Iterable[Path]) -> Iterator[tuple[Path, int, float]]:
-    for path in paths:
-        try:
-            info = path.stat()
-        except OSError:
-            continue
-        yield path, info.st_size, info.st_mtime
 
 
 def caption_result(key: FileKey, decoded: DecodedImage, caption: Caption | None) -> CaptionResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from caption_cli.commands.annotate import MinConfidenceOption, _tell_stop
 from caption_cli.confidence import DEFAULT_MIN_CONFIDENCE, held_back_message, split_by_confidence
 from caption_cli.display import showing
 from caption_cli.errors import CaptionCliError
-from caption_cli.stopping import exit_status, signal_name, signals_stop_like_ctrl_c, stop_signal, stops_held
+from caption_cli.stopping import exit_status, signal_name, signals_stop_like_ctrl_c, stop_signal
 from caption_cli.store import DB_ENV, DEFAULT_DB
 
 HELD_BACK = "held-back"  # a caption below --min-confidence: counted, never written
@@ -61,7 +61,7 @@ def write_metadata(
 
     Example: caption-cli write-metadata ~/Pictures/2024 --mode in-place --db captions.db
     """
-    from caption_cli.metadata import MetadataOutcome, MetadataWriter
+    from caption_cli.metadata import MetadataOutcome, MetadataWriter, write_recorded
     from caption_cli.store import Store
 
     if not db.is_file():
@@ -87,13 +87,8 @@ def write_metadata(
                                             held_back_message(row.get("confidence"), min_confidence))
                             for row in held)
             task = progress.add_task("Metadata", total=len(rows))
-            for row in rows:
-                with stops_held():  # a stop waits for the photo in hand: written, its new key stored, counted
-                    done = writer.write([_request(row)])
-                    written = [outcome.path for outcome in done if outcome.status == "written"]
-                    if written and not dry_run:  # the file's new size/mtime, so annotate's resume still skips it
-                        store.update_keys(list(_restat(written)))
-                    tell(done)
+            for row in rows:  # a stop waits for the photo in hand: written, its new key stored, counted
+                write_recorded(writer, _request(row), store, tell, record=not dry_run)
                 progress.advance(task)
     except CaptionCliError as error:
         err.print(f"[red]error:[/] {error}", markup=True, highlight=False)
@@ -160,12 +155,3 @@ def _request(row: dict):
     # so annotate --write-metadata and write-metadata mark files the same way.
     model_name = (row.get("model_id") or "unknown").rsplit("@", 1)[0]
     return MetadataRequest(Path(row["path"]), row["caption"], model_name, row["size"], row["mtime"])
-
-
-def _restat(paths) -> Iterator[tuple[Path, int, float]]:
-    for path in paths:
-        try:
-            info = Path(path).stat()
-        except OSError:
-            continue
-        yield Path(path), info.st_size, info.st_mtime
